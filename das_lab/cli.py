@@ -1,0 +1,162 @@
+"""The ``das-lab`` command: pick a subcommand, hand the remaining arguments to it.
+
+Heavy libraries (torch, Lightning, W&B) are imported only by the subcommand that runs, so
+``das-lab --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("das_lab.cli:train_main", "train a model (Hydra overrides, +experiment=NAME, -m for sweeps)"),
+    "eval": ("das_lab.cli:eval_main", "evaluate a checkpoint: das-lab eval ckpt_path=PATH"),
+    "data": ("das_lab.cli:data_main", "check a dataset without training: das-lab data verify data=NAME data.root=PATH"),
+}
+
+USAGE = "usage: das-lab <command> [arguments]   (das-lab <command> --help for its options)"
+
+_failed_jobs: list[str] = []
+log = logging.getLogger("das_lab")
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line rather than a traceback."""
+
+
+def _user_facing(error: BaseException) -> Optional[str]:
+    """The one-line message for errors that come from input (config, files), else None."""
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    if isinstance(error, MissingMandatoryValue):
+        key = getattr(error, "full_key", None) or "a required value"
+        return f"missing required value '{key}': pass {key}=VALUE on the command line"
+    if isinstance(error, InstantiationException):
+        cause = error.__cause__
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
+        return f"{detail.splitlines()[0] if detail else error} (while building {str(error).splitlines()[0]})"
+    if isinstance(error, (UserError, FileNotFoundError, ValueError, OmegaConfBaseException)):
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return None
+
+
+MAX_DIRNAME = 120
+
+
+def short_dirname(name: str) -> str:
+    """Keep sweep folder names under file-system limits: long ones end in a hash of the full name."""
+    if len(name) <= MAX_DIRNAME:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{name[:MAX_DIRNAME]}-{digest}"
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("das_lab_short", short_dirname, replace=True)
+    OmegaConf.register_new_resolver(
+        "das_lab_slurm_suffix",
+        lambda: f"_{os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else "",
+        replace=True,
+    )
+
+
+def _guarded(task: Callable[[Any], Optional[float]]) -> Callable[[Any], Optional[float]]:
+    """Report failures: one line for input errors; in a sweep, record the job and go on."""
+
+    def run(cfg: Any) -> Optional[float]:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        try:
+            return task(cfg)
+        except Exception as error:
+            hydra_cfg = HydraConfig.get()
+            run_dir = hydra_cfg.runtime.output_dir
+            message = _user_facing(error)
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                _failed_jobs.append(run_dir)
+                log.error("job %s failed: %s (see %s/FAILED)", hydra_cfg.job.num, message or error, run_dir)
+                return float("nan")
+            if message is None:
+                raise
+            print(f"das-lab: error: {message}\n  (full traceback: {run_dir}/FAILED)", file=sys.stderr)
+            sys.exit(2)
+
+    run.__module__ = task.__module__
+    run.__qualname__ = task.__qualname__
+    return run
+
+
+def run_hydra(task: Callable[[Any], Optional[float]], config_name: str, command: str, args: Sequence[str]) -> int:
+    """Run ``task`` as a Hydra app on das-lab's configs with ``args`` as its command line."""
+    import hydra
+
+    from das_lab.config import config_dir
+
+    _register_resolvers()
+    _failed_jobs.clear()
+    argv = sys.argv
+    sys.argv = [f"das-lab {command}", *args]
+    try:
+        hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(_guarded(task))()
+    finally:
+        sys.argv = argv
+    if _failed_jobs:
+        print(f"das-lab: {len(_failed_jobs)} job(s) of the sweep failed:", *_failed_jobs, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0
+
+
+def train_main(args: Sequence[str]) -> int:
+    from das_lab.train import train
+
+    return run_hydra(train, "train", "train", args)
+
+
+def eval_main(args: Sequence[str]) -> int:
+    from das_lab.evaluate import evaluate
+
+    return run_hydra(evaluate, "eval", "eval", args)
+
+
+def data_main(args: Sequence[str]) -> int:
+    if not args or args[0] != "verify":
+        print("usage: das-lab data verify [--max-images N] data=NAME data.root=PATH [overrides]", file=sys.stderr)
+        return 2
+    from das_lab.data.verify import main as verify_main
+
+    return verify_main(list(args[1:]))
+
+
+def _print_help() -> None:
+    print(USAGE)
+    print("\ncommands:")
+    width = max(map(len, COMMANDS))
+    for name, (_, summary) in COMMANDS.items():
+        print(f"  {name:<{width}}  {summary}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``das-lab`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        _print_help()
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"das-lab: unknown command '{command}'; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[command][0].split(":")
+    return getattr(importlib.import_module(module_name), func_name)(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

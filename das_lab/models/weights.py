@@ -1,0 +1,161 @@
+"""Load a weights file into a network safely, and say exactly what did and did not fit.
+
+Accepted files (all read with ``torch.load(weights_only=True)``, so no pickled code runs):
+a raw ``state_dict``; a dict holding it under ``"state_dict"`` or ``"model"`` (torchvision /
+timm training scripts); a Lightning ``.ckpt`` whose network keys carry the task module's
+``net.`` prefix (entries without it, e.g. loss buffers, belong to the task and are skipped).
+A ``module.`` prefix left by DistributedDataParallel is removed as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+_NESTED_KEYS = ("state_dict", "model")
+_PREFIXES = ("net.", "module.")
+_CLASSIFIER_NAMES = ("fc", "classifier", "head")
+_TIMM_FACTORY_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+@dataclass
+class LoadReport:
+    """Keys of a load: loaded, new in the model, unknown to it, and of the wrong shape."""
+
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    expected_missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        """True when every key outside the expected new modules matched in name and shape."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def hint(self) -> str:
+        """How to resolve the problems this report lists."""
+        hints = []
+        classifier = [key for key, _, _ in self.mismatched if key.split(".")[0] in _CLASSIFIER_NAMES]
+        if classifier:
+            hints.append(
+                "the classifier's shape differs: set model.num_classes to the checkpoint's class count to "
+                "evaluate it, or load non-strictly (model.checkpoint_strict=false / strict=False) to fine-tune "
+                "with a fresh classifier"
+            )
+        if self.missing or self.unexpected or len(classifier) < len(self.mismatched) or not self.loaded:
+            hints.append(
+                "check that the file belongs to this architecture (same model.* depth and widths), or load "
+                "non-strictly (model.checkpoint_strict=false / strict=False) to keep what matches"
+            )
+        return "; ".join(hints)
+
+    def __str__(self) -> str:
+        lines = [f"weights {self.path}: {len(self.loaded)} tensors loaded"]
+        if self.expected_missing:
+            lines.append(f"  new in the model (freshly initialised): {_short(self.expected_missing)}")
+        if self.missing:
+            lines.append(f"  missing from the file: {_short(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  unexpected (not in the model): {_short(self.unexpected)}")
+        if self.mismatched:
+            shapes = [f"{k} file {list(a)} vs model {list(b)}" for k, a, b in self.mismatched]
+            lines.append(f"  shape mismatch: {_short(shapes)}")
+        if not self.clean or not self.loaded:
+            lines.append(f"  hint: {self.hint()}")
+        return "\n".join(lines)
+
+
+class WeightsMismatchError(RuntimeError):
+    """A strict load found keys that do not fit; ``.report`` holds the details."""
+
+    def __init__(self, report: LoadReport) -> None:
+        super().__init__(str(report))
+        self.report = report
+
+
+def _short(keys: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    for prefix in _PREFIXES:
+        if any(key.startswith(prefix) for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    return dict(state)
+
+
+def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
+    """The network's tensors from any accepted weights file, with wrapper prefixes removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist; check model.checkpoint / init_from")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds pickled Python objects besides tensors, so it is not loaded (weights_only=True); "
+            f"if you trust it, re-save just the weights: torch.save(model.state_dict(), path)"
+        ) from err
+    for key in _NESTED_KEYS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(
+            f"{path} holds no state_dict: expected a dict of tensors, or one under 'state_dict' or 'model' "
+            f"(Lightning .ckpt, training-script checkpoints)"
+        )
+    return _strip_prefixes(obj)
+
+
+def load_weights(
+    model: nn.Module,
+    path: Union[str, Path],
+    *,
+    strict: bool = True,
+    new_modules: Sequence[str] = (),
+) -> LoadReport:
+    """Load ``path`` into ``model`` and return what fitted; raise with a hint when it does not.
+
+    ``new_modules`` are name prefixes of modules the file cannot contain (e.g. DAS gates added to
+    a plain ResNet): their keys start fresh without failing a strict load. A non-strict load
+    skips missing, unexpected and shape-mismatched keys and reports them, but still fails when
+    nothing at all matches (wrong file).
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    report = LoadReport(path=str(path))
+    for key, value in own.items():
+        if key not in state:
+            is_new = any(key == p or key.startswith(p + ".") for p in new_modules)
+            (report.expected_missing if is_new else report.missing).append(key)
+        elif value.shape != state[key].shape:
+            report.mismatched.append((key, tuple(state[key].shape), tuple(value.shape)))
+        else:
+            report.loaded.append(key)
+    report.unexpected = [key for key in state if key not in own]
+    if not report.loaded or (strict and not report.clean):
+        raise WeightsMismatchError(report)
+    model.load_state_dict({key: state[key] for key in report.loaded}, strict=False)
+    log.info("%s", report)
+    return report
+
+
+def entrypoint_kwargs(name: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Constructor kwargs from a ``timm.create_model`` call; das-lab takes weights from files only."""
+    if pretrained:
+        raise ValueError(
+            f"{name}: das-lab downloads no weights; pass checkpoint=<path to a .pth/.ckpt> instead of pretrained=True"
+        )
+    return {key: value for key, value in kwargs.items() if key not in _TIMM_FACTORY_ARGS}

@@ -1,0 +1,88 @@
+"""Building blocks shared by ``das-lab train`` and ``das-lab eval``: config -> Lightning objects."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from das_lab.utils.flops import count_gmacs, count_params
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "das_lab_config"
+STORED_GROUPS = ("data", "model", "task", "optimizer", "scheduler")
+
+
+class ConfigInCheckpoint(Callback):
+    """Stores the resolved data/model/task config in every checkpoint, so it rebuilds on its own."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[CONFIG_KEY] = self.config
+
+
+def stored_config(cfg: DictConfig) -> dict[str, Any]:
+    """The part of a run's config that describes the model and its data, fully resolved."""
+    return {key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
+            for key in STORED_GROUPS}
+
+
+def instantiate_callbacks(cfg: Optional[DictConfig]) -> list[Callback]:
+    """Every ``_target_`` node of the callbacks group, in config order."""
+    return [instantiate(node) for node in (cfg or {}).values() if node is not None and "_target_" in node]
+
+
+def instantiate_loggers(cfg: Optional[DictConfig]) -> list[Logger]:
+    """Every ``_target_`` node of the logger group, in config order."""
+    return [instantiate(node) for node in (cfg or {}).values() if node is not None and "_target_" in node]
+
+
+def build_module(
+    model_cfg: Any, task_cfg: Any, optimizer_cfg: Any, scheduler_cfg: Any
+) -> tuple[nn.Module, L.LightningModule]:
+    """Instantiate the backbone, then the task module around it."""
+    net = instantiate(model_cfg)
+    optimizer = instantiate(optimizer_cfg) if optimizer_cfg is not None else None
+    scheduler = instantiate(scheduler_cfg) if scheduler_cfg is not None else None
+    module = instantiate(task_cfg, net=net, optimizer=optimizer, scheduler=scheduler)
+    return net, module
+
+
+def model_cost(net: nn.Module, image_size: Optional[int]) -> tuple[int, Optional[float]]:
+    """Parameters and GFLOPs (GMACs at batch 1, square input) for metrics.json."""
+    params = count_params(net)
+    if not image_size:
+        return params, None
+    try:
+        return params, round(count_gmacs(net, (1, 3, image_size, image_size)), 4)
+    except Exception as exc:  # a model that cannot run on a bare image (e.g. needs targets) has no GFLOPs
+        log.warning("GFLOPs not counted for %s at %d px: %s", type(net).__name__, image_size, exc)
+        return params, None
+
+
+def scalar_metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> dict[str, float]:
+    """The trainer's current logged metrics with the given prefixes, as plain floats."""
+    return {
+        name: float(value)
+        for name, value in sorted(trainer.callback_metrics.items())
+        if name.startswith(prefixes) and torch.as_tensor(value).numel() == 1
+    }
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; a missing file is a clear error."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (check ckpt_path; runs keep theirs in <run>/checkpoints/)")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,151 @@
+"""What a run folder records: metrics.json, a FAILED marker, and how to reproduce the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+PACKAGES = ("das-lab", "torch", "torchvision", "lightning", "timm", "torchmetrics", "hydra-core", "omegaconf", "wandb")
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON through a temporary file so a crash never leaves a half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _is_lower_better(metric: str) -> bool:
+    return metric.endswith("loss")
+
+
+class MetricHistory(Callback):
+    """Keeps each validation epoch's ``val/*`` metrics so metrics.json can report the best of each.
+
+    Its state travels in checkpoints, so a resumed run still reports the best over all epochs.
+    """
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if values:
+            self.epochs.append(values)
+
+    def best(self) -> dict[str, float]:
+        """Best value of every metric over the epochs (lowest for losses, highest otherwise)."""
+        best: dict[str, float] = {}
+        for epoch in self.epochs:
+            for name, value in epoch.items():
+                if name not in best:
+                    best[name] = value
+                elif _is_lower_better(name):
+                    best[name] = min(best[name], value)
+                else:
+                    best[name] = max(best[name], value)
+        return best
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs = list(state_dict["epochs"])
+
+
+def _git(args: list[str], cwd: Path) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout
+
+
+def environment_info() -> tuple[dict[str, Any], Optional[str]]:
+    """Versions, devices and (from a checkout) the git commit; second item: the uncommitted diff."""
+    import torch
+
+    info: dict[str, Any] = {
+        "command": sys.argv,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "packages": {},
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "git": None,
+    }
+    for name in PACKAGES:
+        try:
+            info["packages"][name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            info["packages"][name] = None
+    source = Path(__file__).resolve().parent.parent
+    diff = None
+    if (source / ".git").exists():
+        commit = _git(["rev-parse", "HEAD"], source)
+        diff = _git(["diff", "HEAD"], source)
+        info["git"] = {"commit": commit.strip() if commit else None, "dirty": bool(diff)}
+    return info, diff or None
+
+
+class RunRecord:
+    """Writes a run folder's records; every path and file name users rely on is defined here."""
+
+    def __init__(self, run_dir: Path, overrides: list[str]) -> None:
+        self.run_dir = run_dir
+        self.overrides = list(overrides)
+        self.started = time.monotonic()
+        self.params: Optional[int] = None
+        self.gflops: Optional[float] = None
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.json"
+
+    @property
+    def failed_path(self) -> Path:
+        return self.run_dir / "FAILED"
+
+    def write_environment(self) -> None:
+        info, diff = environment_info()
+        write_json_atomic(self.run_dir / "run_info.json", info)
+        if diff:
+            (self.run_dir / "git.diff").write_text(diff)
+
+    def _payload(self, status: str, final: dict[str, float], best: dict[str, float], ckpt_best: Optional[str]) -> dict:
+        return {
+            "status": status,
+            "final": final,
+            "best": best,
+            "params": self.params,
+            "gflops": self.gflops,
+            "overrides": self.overrides,
+            "wall_time_s": round(time.monotonic() - self.started, 3),
+            "ckpt_best": ckpt_best,
+        }
+
+    def completed(self, final: dict[str, float], best: dict[str, float], ckpt_best: Optional[str]) -> None:
+        self.failed_path.unlink(missing_ok=True)
+        write_json_atomic(self.metrics_path, self._payload("completed", final, best, ckpt_best))
+
+    def failed(self, error: BaseException, best: Optional[dict[str, float]] = None) -> None:
+        """Leave the traceback in ``FAILED`` and a metrics.json that says so, keeping what was measured."""
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        self.failed_path.write_text(text)
+        payload = self._payload("failed", {}, best or {}, None)
+        payload["error"] = f"{type(error).__name__}: {error}"
+        write_json_atomic(self.metrics_path, payload)

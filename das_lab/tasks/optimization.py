@@ -1,0 +1,64 @@
+"""Optimizer and per-step LR schedule from timm factories, shared by every task module."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import lightning as L
+from torch import nn
+from torch.optim import Optimizer
+
+OptimizerFactory = Callable[..., Optimizer]
+SchedulerFactory = Callable[..., Any]
+
+
+def global_batch_size(trainer: L.Trainer) -> int:
+    """Images per optimizer step over all devices: world size x batch size x accumulation."""
+    datamodule = trainer.datamodule
+    if datamodule is None or not hasattr(datamodule, "batch_size"):
+        raise RuntimeError("the learning-rate scaling needs a datamodule with a batch_size attribute")
+    return trainer.world_size * datamodule.batch_size * trainer.accumulate_grad_batches
+
+
+def configure_timm_optimization(
+    trainer: L.Trainer,
+    net: nn.Module,
+    optimizer: OptimizerFactory,
+    scheduler: Optional[SchedulerFactory],
+    lr_reference_batch: Optional[int],
+) -> dict[str, Any]:
+    """Build the optimizer (LR linearly scaled to the global batch) and a per-step timm schedule.
+
+    ``optimizer`` is a partial of ``timm.optim.create_optimizer_v2`` and ``scheduler`` one of
+    ``timm.scheduler.create_scheduler_v2``; the epoch-based settings of the schedule (warm-up,
+    decay milestones) are converted to optimizer steps, and the schedule ends where training
+    ends (``max_epochs`` or an earlier ``max_steps``).
+    """
+    overrides: dict[str, float] = {}
+    if lr_reference_batch is not None:
+        base_lr = getattr(optimizer, "keywords", {}).get("lr")
+        if base_lr is None:
+            raise ValueError("task.lr_reference_batch is set but optimizer.lr is missing: set optimizer.lr")
+        overrides["lr"] = base_lr * global_batch_size(trainer) / lr_reference_batch
+    opt = optimizer(net, **overrides)
+    if scheduler is None:
+        return {"optimizer": opt}
+    total_steps = int(trainer.estimated_stepping_batches)  # also sets up the training data
+    batches = trainer.num_training_batches
+    if math.isfinite(batches) and batches > 0:
+        updates_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+    else:
+        updates_per_epoch = max(1, total_steps // max(1, trainer.max_epochs or 1))
+    num_epochs = max(1, math.ceil(total_steps / updates_per_epoch))
+    sched, _ = scheduler(opt, num_epochs=num_epochs, updates_per_epoch=updates_per_epoch, step_on_epochs=False)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+class TimmSchedulerMixin:
+    """Lets Lightning step a timm scheduler, which is not a ``torch.optim.lr_scheduler``."""
+
+    global_step: int
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        scheduler.step_update(num_updates=self.global_step)

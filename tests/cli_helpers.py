@@ -1,0 +1,45 @@
+"""Run the installed ``das-lab`` console script the way users do, on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+DAS_LAB = str(Path(sys.executable).with_name("das-lab"))
+
+# digits at 32 px, one epoch of three steps: a whole run through the CLI in seconds
+TINY = [
+    "data.image_size=32",
+    "data.digit_size=16",
+    "data.num_distractors=2",
+    "data.train_copies=1",
+    "data.eval_copies=1",
+    "data.batch_size=16",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``das-lab ARGS`` in ``cwd`` with outputs under ``cwd`` (DAS_LAB_LOGS)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "HYDRA_FULL_ERROR")}
+    full_env.update({"DAS_LAB_LOGS": str(cwd), **(env or {})})
+    return subprocess.run([DAS_LAB, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Single-run folders under ``root/outputs``, oldest first."""
+    return sorted(p.parent for p in (root / "outputs").glob("*/*/.hydra"))
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "metrics.json").read_text())

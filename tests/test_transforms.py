@@ -1,0 +1,95 @@
+"""Recipes (conf/recipe) and the train/eval transforms they build."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
+from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from das_lab.data.image_io import decode_rgb
+from das_lab.data.transforms import TRAIN_AUGMENT_KEYS, build_eval_transform, build_train_transform
+from das_lab.data.verify import compose_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+RECIPES = ("basic", "das_paper", "dat_paper")
+
+
+def _flatten(transform) -> list:
+    ops = []
+    for op in getattr(transform, "transforms", [transform]):
+        ops.extend(_flatten(op) if hasattr(op, "transforms") else [op])
+    return ops
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_set_every_augment_key_and_compose_with_both_datasets(recipe: str, tmp_path: Path) -> None:
+    augment = OmegaConf.load(CONF / "recipe" / f"{recipe}.yaml").data.train_augment
+    assert set(augment) == TRAIN_AUGMENT_KEYS
+    for data in ("stanford_dogs", "imagenet"):
+        assert set(OmegaConf.load(CONF / "data" / f"{data}.yaml").train_augment) == TRAIN_AUGMENT_KEYS
+        cfg = compose_config([f"data={data}", f"recipe={recipe}", f"data.root={tmp_path}"])
+        datamodule = instantiate(cfg.data)
+        assert datamodule.train_augment == OmegaConf.to_container(augment)
+        assert datamodule.train_transform(torch.zeros(3, 50, 60, dtype=torch.uint8)).shape == (3, 224, 224)
+
+
+def test_basic_and_das_recipes_run_on_uint8_tensors_without_pil() -> None:
+    for recipe in ("basic", "das_paper"):
+        augment = OmegaConf.to_container(OmegaConf.load(CONF / "recipe" / f"{recipe}.yaml").data.train_augment)
+        ops = _flatten(build_train_transform(32, augment))
+        assert [type(op) for op in ops] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.ToDtype, v2.Normalize]
+        assert ops[0].scale == (0.08, 1.0)
+
+
+def test_dat_recipe_is_timm_randaugment_with_erasing_and_mixup() -> None:
+    recipe = OmegaConf.load(CONF / "recipe" / "dat_paper.yaml")
+    transform = build_train_transform(32, OmegaConf.to_container(recipe.data.train_augment))
+    ops = _flatten(transform)
+    assert type(ops[0]) is v2.ToPILImage
+    rand_augment = next(op for op in ops if isinstance(op, RandAugment))
+    assert rand_augment.num_layers == 2 and rand_augment.ops[0].magnitude == 9 and rand_augment.ops[0].magnitude_std == 0.5
+    erasing = next(op for op in ops if isinstance(op, RandomErasing))
+    assert erasing.probability == 0.25 and erasing.mode == "pixel"
+    out = transform(torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    mixup = instantiate(OmegaConf.merge({"data": {"num_classes": 10}}, recipe).task.mixup)
+    assert isinstance(mixup, Mixup)
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.label_smoothing, mixup.num_classes) == (0.8, 1.0, 0.1, 10)
+    _, targets = mixup(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert targets.shape == (4, 10) and torch.allclose(targets.sum(1), torch.ones(4))
+    assert recipe.task.label_smoothing == 0.1
+
+
+def test_eval_resizes_to_size_over_crop_pct_then_centre_crops() -> None:
+    image = torch.randint(0, 256, (3, 60, 90), dtype=torch.uint8)
+    out = build_eval_transform(28, 0.875, "bilinear")(image)
+    resized = F.resize(image, [32, 48], antialias=True)
+    assert math.floor(28 / 0.875) == 32
+    reference = (F.center_crop(resized, [28, 28]).float() / 255 - torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]) / torch.tensor(
+        IMAGENET_DEFAULT_STD
+    )[:, None, None]
+    assert out.shape == (3, 28, 28)
+    assert torch.allclose(out, reference, atol=1e-5)
+
+
+def test_unknown_augment_key_is_named() -> None:
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['mixup'\]"):
+        build_train_transform(32, {"mixup": 0.8})
+
+
+def test_decode_rejects_garbage_and_reads_bmp_through_pillow(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGBA", (5, 4), (10, 20, 30, 0)).save(tmp_path / "a.bmp")
+    assert decode_rgb((tmp_path / "a.bmp").read_bytes()).tolist() == torch.tensor([10, 20, 30])[:, None, None].expand(3, 4, 5).tolist()
+    with pytest.raises(RuntimeError, match="x.jpg: cannot decode image"):
+        decode_rgb(b"\xff\xd8garbage", "x.jpg")
