@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("das_lab.cli:train_main", "train a model (Hydra overrides, +experiment=NAME, -m for sweeps)"),
     "eval": ("das_lab.cli:eval_main", "evaluate a checkpoint: das-lab eval ckpt_path=PATH"),
     "data": ("das_lab.cli:data_main", "check a dataset without training: das-lab data verify data=NAME data.root=PATH"),
+    "profile": ("das_lab.profile:main", "params, GFLOPs, throughput and memory of models: das-lab profile model=NAME"),
+    "report": ("das_lab.report:main", "table and plots of a sweep: das-lab report multirun/DATE/TIME"),
+    "visualize": ("das_lab.visualize:main", "attention maps of a checkpoint: das-lab visualize ckpt_path=PATH images=[...]"),
 }
 
 USAGE = "usage: das-lab <command> [arguments]   (das-lab <command> --help for its options)"
