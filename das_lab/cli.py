@@ -37,6 +37,10 @@ def _user_facing(error: BaseException) -> Optional[str]:
     from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+    from das_lab.models.weights import WeightsMismatchError
+
+    if isinstance(error, WeightsMismatchError):
+        return str(error)
     if isinstance(error, MissingMandatoryValue):
         key = getattr(error, "full_key", None) or "a required value"
         return f"missing required value '{key}': pass {key}=VALUE on the command line"
@@ -99,19 +103,31 @@ def _guarded(task: Callable[[Any], Optional[float]]) -> Callable[[Any], Optional
 
 
 def run_hydra(task: Callable[[Any], Optional[float]], config_name: str, command: str, args: Sequence[str]) -> int:
-    """Run ``task`` as a Hydra app on das-lab's configs with ``args`` as its command line."""
-    import hydra
+    """Run ``task`` as a Hydra app on das-lab's configs with ``args`` as its command line.
+
+    ``sys.argv`` stays the real command line (``das-lab train ...``): Lightning's DDP launcher
+    re-runs it for the other ranks, pointing them at this run's folder.
+    """
+    from hydra import version
+    from hydra._internal.utils import _run_hydra, get_args_parser
+    from hydra.core.utils import _flush_loggers
 
     from das_lab.config import config_dir
 
     _register_resolvers()
     _failed_jobs.clear()
-    argv = sys.argv
-    sys.argv = [f"das-lab {command}", *args]
-    try:
-        hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(_guarded(task))()
-    finally:
-        sys.argv = argv
+    version.setbase("1.3")
+    parser = get_args_parser()
+    parser.prog = f"das-lab {command}"
+    parsed = parser.parse_args(list(args))
+    _run_hydra(
+        args=parsed,
+        args_parser=parser,
+        task_function=_guarded(task),
+        config_path=str(config_dir()),
+        config_name=config_name,
+    )
+    _flush_loggers()
     if _failed_jobs:
         print(f"das-lab: {len(_failed_jobs)} job(s) of the sweep failed:", *_failed_jobs, sep="\n  ", file=sys.stderr)
         return 1

@@ -13,7 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from das_lab.pipeline import (
     CONFIG_KEY,
     build_module,
+    check_checkpoint_fits,
     instantiate_loggers,
+    is_rank_zero,
     model_cost,
     read_checkpoint,
     scalar_metrics,
@@ -47,9 +49,11 @@ def evaluate(cfg: DictConfig) -> Optional[float]:
     if unknown:
         raise ValueError(f"splits={splits}: unknown split(s) {unknown}; choose from {list(SPLITS)}")
     run_dir = Path(cfg.paths.output_dir)
+    writer = is_rank_zero()
     record = RunRecord(run_dir, HydraConfig.get().overrides.task)
     try:
-        record.write_environment()
+        if writer:
+            record.write_environment()
         checkpoint = read_checkpoint(cfg.ckpt_path)
         stored = checkpoint.get(CONFIG_KEY)
         if stored is None:
@@ -59,6 +63,7 @@ def evaluate(cfg: DictConfig) -> Optional[float]:
             )
         datamodule = instantiate(_data_config(stored, cfg.get("data")))
         net, module = build_module(_model_config(stored), stored["task"], stored["optimizer"], stored["scheduler"])
+        check_checkpoint_fits(module, checkpoint, cfg.ckpt_path)
         module.load_state_dict(checkpoint["state_dict"])
         record.params, record.gflops = model_cost(net, getattr(datamodule, "image_size", None))
         trainer = instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")) or False)
@@ -67,10 +72,11 @@ def evaluate(cfg: DictConfig) -> Optional[float]:
             run = trainer.validate if split == "val" else trainer.test
             run(module, datamodule=datamodule)
             final.update(scalar_metrics(trainer, (f"{split}/",)))
-        if trainer.is_global_zero:
+        if writer:
             record.completed(final, final, str(Path(cfg.ckpt_path).expanduser().resolve()))
             log.info("run folder: %s (metrics.json)", run_dir)
     except BaseException as error:
-        record.failed(error)
+        if writer:
+            record.failed(error)
         raise
     return next(iter(final.values()), None)

@@ -10,32 +10,29 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from das_lab.callbacks.checkpoint_state import CONFIG_KEY  # noqa: F401  (where checkpoints keep their config)
+from das_lab.models.weights import WeightsMismatchError, compare_state_dicts
 from das_lab.utils.flops import count_gmacs, count_params
 
 log = logging.getLogger(__name__)
 
-CONFIG_KEY = "das_lab_config"
 STORED_GROUPS = ("data", "model", "task", "optimizer", "scheduler")
-
-
-class ConfigInCheckpoint(Callback):
-    """Stores the resolved data/model/task config in every checkpoint, so it rebuilds on its own."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint[CONFIG_KEY] = self.config
 
 
 def stored_config(cfg: DictConfig) -> dict[str, Any]:
     """The part of a run's config that describes the model and its data, fully resolved."""
     return {key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
             for key in STORED_GROUPS}
+
+
+def is_rank_zero() -> bool:
+    """True in the process that writes a run's files (the only one outside distributed runs)."""
+    return rank_zero_only.rank == 0
 
 
 def instantiate_callbacks(cfg: Optional[DictConfig]) -> list[Callback]:
@@ -72,11 +69,17 @@ def model_cost(net: nn.Module, image_size: Optional[int]) -> tuple[int, Optional
 
 
 def scalar_metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> dict[str, float]:
-    """The trainer's current logged metrics with the given prefixes, as plain floats."""
+    """The trainer's current logged metrics with the given prefixes, as plain floats.
+
+    Lightning's ``_step``/``_epoch`` twins of a metric logged both ways are left out: the plain
+    name holds the epoch value.
+    """
     return {
         name: float(value)
         for name, value in sorted(trainer.callback_metrics.items())
-        if name.startswith(prefixes) and torch.as_tensor(value).numel() == 1
+        if name.startswith(prefixes)
+        and not name.endswith(("_step", "_epoch"))
+        and torch.as_tensor(value).numel() == 1
     }
 
 
@@ -86,3 +89,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (check ckpt_path; runs keep theirs in <run>/checkpoints/)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Fail before training or evaluating when a checkpoint was made for another network."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict'); use init_from=<file> for plain weights")
+    report = compare_state_dicts(module.state_dict(), state, str(path))
+    if not report.clean:
+        raise WeightsMismatchError(report)

@@ -110,7 +110,6 @@ class RunRecord:
         self.started = time.monotonic()
         self.params: Optional[int] = None
         self.gflops: Optional[float] = None
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def metrics_path(self) -> Path:
@@ -121,6 +120,7 @@ class RunRecord:
         return self.run_dir / "FAILED"
 
     def write_environment(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         info, diff = environment_info()
         write_json_atomic(self.run_dir / "run_info.json", info)
         if diff:
@@ -145,6 +145,7 @@ class RunRecord:
     def failed(self, error: BaseException, best: Optional[dict[str, float]] = None) -> None:
         """Leave the traceback in ``FAILED`` and a metrics.json that says so, keeping what was measured."""
         text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.failed_path.write_text(text)
         payload = self._payload("failed", {}, best or {}, None)
         payload["error"] = f"{type(error).__name__}: {error}"

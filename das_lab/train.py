@@ -12,12 +12,16 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
+from das_lab.callbacks.checkpoint_state import ConfigInCheckpoint, RngStateInCheckpoint
+from das_lab.models.weights import load_weights
 from das_lab.pipeline import (
-    ConfigInCheckpoint,
     build_module,
+    check_checkpoint_fits,
     instantiate_callbacks,
     instantiate_loggers,
+    is_rank_zero,
     model_cost,
+    read_checkpoint,
     scalar_metrics,
     stored_config,
 )
@@ -46,31 +50,43 @@ def resolve_resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str
 def train(cfg: DictConfig) -> Optional[float]:
     """Run one training job; returns the best value of ``cfg.monitor`` for sweepers."""
     run_dir = Path(cfg.paths.output_dir)
+    writer = is_rank_zero()
     record = RunRecord(run_dir, HydraConfig.get().overrides.task)
     history = MetricHistory()
-    trainer: Optional[L.Trainer] = None
     try:
-        record.write_environment()
+        if writer:
+            record.write_environment()
         L.seed_everything(cfg.seed, workers=True)
         resume_from = resolve_resume_path(cfg.get("ckpt_path"), run_dir)
         datamodule = instantiate(cfg.data)
         net, module = build_module(cfg.model, cfg.task, cfg.optimizer, cfg.get("scheduler"))
+        if cfg.get("init_from"):
+            load_weights(net, cfg.init_from, strict=False)
+        if resume_from:
+            check_checkpoint_fits(module, read_checkpoint(resume_from), resume_from)
         record.params, record.gflops = model_cost(net, cfg.get("flops_image_size"))
         log.info("model %s: %.2fM params, %s GFLOPs", type(net).__name__, record.params / 1e6, record.gflops)
-        callbacks = [*instantiate_callbacks(cfg.get("callbacks")), history, ConfigInCheckpoint(stored_config(cfg))]
+        callbacks = [
+            *instantiate_callbacks(cfg.get("callbacks")),
+            history,
+            ConfigInCheckpoint(stored_config(cfg)),
+            RngStateInCheckpoint(),
+        ]
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_loggers(cfg.get("logger")) or False)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({**stored_config(cfg), "params": record.params, "gflops": record.gflops})
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         final = scalar_metrics(trainer, ("train/", "val/"))
         checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
         best_path = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
         if cfg.get("test"):
-            trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
+            trainer.test(module, datamodule=datamodule, ckpt_path=best_path, weights_only=True)
             final.update(scalar_metrics(trainer, ("test/",)))
-        if trainer.is_global_zero:
+        if writer:
             record.completed(final, history.best(), best_path)
             log.info("run folder: %s (metrics.json, checkpoints/, csv/)", run_dir)
     except BaseException as error:
-        if trainer is None or trainer.is_global_zero:
+        if writer:
             record.failed(error, history.best())
         raise
     return history.best().get(cfg.monitor)

@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Shuffles with a permutation fixed by (seed, epoch).
+
+    Lightning calls ``set_epoch`` before every epoch, so a run resumed from a checkpoint sees the
+    same order as an uninterrupted one, whatever else drew random numbers before.
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
 
 
 class DataModuleBase(L.LightningDataModule):
@@ -45,10 +69,11 @@ class DataModuleBase(L.LightningDataModule):
     def _loader(self, dataset: Optional[Dataset], shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a loader")
+        sampler = EpochSeededSampler(len(dataset), torch.initial_seed()) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -45,7 +45,7 @@ class LoadReport:
     def hint(self) -> str:
         """How to resolve the problems this report lists."""
         hints = []
-        classifier = [key for key, _, _ in self.mismatched if key.split(".")[0] in _CLASSIFIER_NAMES]
+        classifier = [key for key, _, _ in self.mismatched if set(key.split(".")) & set(_CLASSIFIER_NAMES)]
         if classifier:
             hints.append(
                 "the classifier's shape differs: set model.num_classes to the checkpoint's class count to "
@@ -119,6 +119,23 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
     return _strip_prefixes(obj)
 
 
+def compare_state_dicts(
+    own: Mapping[str, Tensor], state: Mapping[str, Tensor], path: str, new_modules: Sequence[str] = ()
+) -> LoadReport:
+    """Which keys of ``state`` fit a model whose state_dict is ``own``, by name and shape."""
+    report = LoadReport(path=path)
+    for key, value in own.items():
+        if key not in state:
+            is_new = any(key == p or key.startswith(p + ".") for p in new_modules)
+            (report.expected_missing if is_new else report.missing).append(key)
+        elif value.shape != state[key].shape:
+            report.mismatched.append((key, tuple(state[key].shape), tuple(value.shape)))
+        else:
+            report.loaded.append(key)
+    report.unexpected = [key for key in state if key not in own]
+    return report
+
+
 def load_weights(
     model: nn.Module,
     path: Union[str, Path],
@@ -134,17 +151,7 @@ def load_weights(
     nothing at all matches (wrong file).
     """
     state = read_state_dict(path)
-    own = model.state_dict()
-    report = LoadReport(path=str(path))
-    for key, value in own.items():
-        if key not in state:
-            is_new = any(key == p or key.startswith(p + ".") for p in new_modules)
-            (report.expected_missing if is_new else report.missing).append(key)
-        elif value.shape != state[key].shape:
-            report.mismatched.append((key, tuple(state[key].shape), tuple(value.shape)))
-        else:
-            report.loaded.append(key)
-    report.unexpected = [key for key in state if key not in own]
+    report = compare_state_dicts(model.state_dict(), state, str(path), new_modules)
     if not report.loaded or (strict and not report.clean):
         raise WeightsMismatchError(report)
     model.load_state_dict({key: state[key] for key in report.loaded}, strict=False)

@@ -1,10 +1,12 @@
-"""FLOP counting that also sees deformable convolution and grid sampling.
+"""FLOP counting that also sees deformable convolution, grid sampling and CPU attention.
 
-``torch.utils.flop_counter`` counts convolutions and matmuls only; DAS's deformable
-convolution (``torchvision::deform_conv2d``) and DAT++'s bilinear sampling
-(``aten::grid_sampler_2d``) would be silently uncounted. The formulas registered here
-count multiply-accumulates x 2, the counter's convention, so ``count_flops(...) / 2``
-gives the MACs that papers report as "FLOPs".
+``torch.utils.flop_counter`` counts convolutions, matmuls and the GPU attention kernels only;
+DAS's deformable convolution (``torchvision::deform_conv2d``), DAT++'s bilinear sampling
+(``aten::grid_sampler_2d``, and ``aten::cudnn_grid_sampler`` that ``F.grid_sample`` picks on
+CUDA) and ``F.scaled_dot_product_attention`` on the CPU (``aten::_scaled_dot_product_flash_attention_for_cpu``)
+would be silently uncounted. The formulas registered here count multiply-accumulates x 2, the
+counter's convention, so ``count_flops(...) / 2`` gives the MACs that papers report as "FLOPs".
+Element-wise operations (norms, activations, softmax) are not counted, as in those papers.
 """
 
 from __future__ import annotations
@@ -14,13 +16,24 @@ from typing import Any, Sequence
 import torch
 import torchvision  # noqa: F401  (registers torch.ops.torchvision)
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    flop_registry,
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 _BILINEAR_MACS_PER_SAMPLE = 4
 
 
 def _shape(t: Any) -> list[int]:
     return list(t.shape) if hasattr(t, "shape") else list(t)
+
+
+def _unregistered(*ops: Any) -> list[Any]:
+    """The ops torch has no formula for yet (a newer torch's own formula takes precedence)."""
+    return [op for op in ops if op not in flop_registry]
 
 
 @register_flop_formula(torch.ops.torchvision.deform_conv2d)
@@ -39,12 +52,30 @@ def _deform_conv2d_flops(
     return 2 * (conv_macs + sampling_macs + modulation_macs)
 
 
-@register_flop_formula(torch.ops.aten.grid_sampler_2d)
+@register_flop_formula(_unregistered(torch.ops.aten.grid_sampler_2d, torch.ops.aten.cudnn_grid_sampler))
 def _grid_sampler_2d_flops(input, grid, *args, out_shape=None, **kwargs) -> int:
     """Bilinear sampling: four weighted reads per output value and channel."""
     batch, channels = _shape(input)[:2]
     out_h, out_w = _shape(grid)[1:3]
     return 2 * batch * channels * out_h * out_w * _BILINEAR_MACS_PER_SAMPLE
+
+
+@register_flop_formula(_unregistered(
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+    torch.ops.aten._scaled_dot_product_fused_attention_overrideable,
+))
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Attention on the CPU (and other fused backends): the same count as torch's GPU kernels."""
+    return sdpa_flop_count(query, key, value)
+
+
+@register_flop_formula(_unregistered(
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    torch.ops.aten._scaled_dot_product_fused_attention_overrideable_backward,
+))
+def _sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Backward of the attention kernels above, as torch counts its GPU kernels' backward."""
+    return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
 def count_flops(model: nn.Module, input_shape: Sequence[int], *, device: str | torch.device = "cpu") -> int:

@@ -1,0 +1,74 @@
+"""Training-step time of DAS-ResNet-50 against the same ResNet-50 without gates (target: <= 1.15x on a GPU).
+
+Usage: python benchmarks/train_step.py [--device auto|cpu|cuda] [--batch N] [--size PX]
+       [--models daslab_resnet50 das_resnet50] [--precision fp32|bf16|fp16] [--channels-last]
+One step = forward (autocast when asked), cross-entropy, backward, SGD-momentum update; the time
+is the median of --repeats steps after --warmup steps. Defaults: batch 8 at 128 px on the CPU,
+batch 64 at 224 px on a GPU. The first model is the reference of the ratio column.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
+from das_lab.profile import autocast, example_input, markdown_table, median_seconds, resolve_device
+
+
+def train_step_seconds(
+    name: str, batch: int, size: int, device: torch.device, precision: str, channels_last: bool, warmup: int,
+    repeats: int,
+) -> float:
+    """Median seconds of one full optimisation step of ``name`` (1000 classes) on random data."""
+    model = timm.create_model(name, num_classes=1000).to(device).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = example_input((batch, 3, size, size), device, channels_last)
+    target = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+
+    return median_seconds(step, device, warmup, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 64 on GPU")
+    parser.add_argument("--size", type=int, default=None, help="default: 128 on CPU, 224 on GPU")
+    parser.add_argument("--models", nargs="+", default=["daslab_resnet50", "das_resnet50"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    on_gpu = device.type == "cuda"
+    batch = args.batch or (64 if on_gpu else 8)
+    size = args.size or (224 if on_gpu else 128)
+    print(f"train step on {device} ({torch.cuda.get_device_name(device) if on_gpu else f'{torch.get_num_threads()} threads'}), "
+          f"batch {batch} at {size}px, {args.precision}{', channels_last' if args.channels_last else ''}; "
+          f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
+    seconds = {
+        name: train_step_seconds(name, batch, size, device, args.precision, args.channels_last, args.warmup, args.repeats)
+        for name in args.models
+    }
+    reference = seconds[args.models[0]]
+    print(markdown_table(
+        ("model", "ms/step", "img/s", f"time x {args.models[0]}"),
+        [[name, 1000 * s, batch / s, s / reference] for name, s in seconds.items()],
+    ))
+
+
+if __name__ == "__main__":
+    main()

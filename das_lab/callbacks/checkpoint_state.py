@@ -1,0 +1,59 @@
+"""Extra state in das-lab checkpoints: the run's config, and RNG states for exact resumes."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+CONFIG_KEY = "das_lab_config"
+RNG_KEY = "das_lab_rng_states"
+
+
+class ConfigInCheckpoint(Callback):
+    """Stores the resolved data/model/task config in every checkpoint, so it rebuilds on its own."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[CONFIG_KEY] = self.config
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """torch, numpy and python RNG states in types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`collect_rng_states`."""
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RngStateInCheckpoint(Callback):
+    """Saves and restores the RNG states, so a resumed run draws what the uninterrupted one would."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RNG_KEY] = collect_rng_states()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if RNG_KEY in checkpoint:
+            restore_rng_states(checkpoint[RNG_KEY])

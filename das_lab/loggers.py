@@ -1,0 +1,156 @@
+"""Experiment loggers beyond Lightning's defaults: W&B that names, groups and closes its runs by itself."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import socket
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+SUMMARY_KEYS = ("params", "gflops")
+_OFFLINE_MODES = ("offline", "dryrun")
+
+
+def _base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)
+
+
+def _has_netrc_key(host: str) -> bool:
+    """True when ``wandb login`` stored a key for ``host`` in ~/.netrc (or $NETRC)."""
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.netrc(str(path)).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _reachable(url: str, timeout_s: float = 2.0) -> bool:
+    """A TCP connection to the W&B server succeeds within ``timeout_s``, so ``wandb.init`` cannot hang."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def offline_reason(offline: Optional[bool]) -> Optional[str]:
+    """Why this run must log offline (None: it can go online); decided once, before ``wandb.init``."""
+    if offline:
+        return "logger.wandb.offline=true"
+    if os.environ.get("WANDB_MODE", "").lower() in _OFFLINE_MODES:
+        return f"WANDB_MODE={os.environ['WANDB_MODE']}"
+    if offline is None:
+        host = urlparse(_base_url()).hostname or ""
+        if not os.environ.get("WANDB_API_KEY") and not _has_netrc_key(host):
+            return "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+        if not _reachable(_base_url()):
+            return f"{_base_url()} is not reachable"
+    return None
+
+
+def sweep_group(sweep_dir: str) -> str:
+    """W&B group of a multirun: ``multirun-<date>-<time>`` from ``multirun/<date>/<time>``, else the folder name."""
+    parts = Path(sweep_dir).parts
+    if len(parts) >= 3 and parts[-3] == "multirun":
+        return "-".join(parts[-3:])
+    return Path(sweep_dir).name
+
+
+def _hydra_names() -> tuple[Optional[str], Optional[str]]:
+    """(group, name) for this Hydra job: the sweep folder for multiruns, the job's overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None, None
+    hydra_cfg = HydraConfig.get()
+    group = sweep_group(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    return group, hydra_cfg.job.override_dirname or "default"
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's W&B logger that names and groups runs after the Hydra job and never blocks offline.
+
+    ``group=None`` groups the jobs of one sweep under the sweep folder's name (``multirun-DATE-TIME``);
+    ``name=None`` names the run after the job's overrides (``default`` without any). ``offline=None``
+    logs online only when an API key is known and the server answers, else offline (sync the run
+    folder later with ``wandb sync``). ``params``/``gflops`` given to ``log_hyperparams`` also go to
+    the run summary, so they appear as table columns in the W&B UI.
+    """
+
+    def __init__(
+        self,
+        project: str,
+        save_dir: str,
+        entity: Optional[str] = None,
+        group: Optional[str] = None,
+        name: Optional[str] = None,
+        tags: Optional[Sequence[str]] = None,
+        job_type: Optional[str] = None,
+        notes: Optional[str] = None,
+        log_model: bool = False,
+        offline: Optional[bool] = None,
+    ) -> None:
+        hydra_group, hydra_name = _hydra_names()
+        reason = offline_reason(offline)
+        if reason is not None:
+            log.info("W&B logs offline: %s", reason)
+            if log_model:
+                log.warning("logger.wandb.log_model=true needs an online run; checkpoints are not uploaded")
+                log_model = False
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        super().__init__(
+            name=name or hydra_name,
+            save_dir=save_dir,
+            project=project,
+            log_model=log_model,
+            offline=reason is not None,
+            entity=entity,
+            group=group or hydra_group,
+            tags=list(tags or []),
+            job_type=job_type,
+            notes=notes,
+        )
+
+    @property
+    def experiment(self) -> Any:
+        """The W&B run; a run left open by an earlier job in this process is finished first, never reused."""
+        import wandb
+
+        if self._experiment is None and wandb.run is not None:
+            log.warning("finishing W&B run %s left open by a previous job", wandb.run.id)
+            wandb.run.finish()
+        run = super().experiment
+        if isinstance(run, wandb.Run) and getattr(self, "_announced", None) != run.id:
+            self._announced = run.id
+            if run.settings.mode in _OFFLINE_MODES:
+                log.info("W&B offline run in %s; upload it later with: wandb sync %s", run.dir, Path(run.dir).parent)
+        return run
+
+    def log_hyperparams(self, params: Mapping[str, Any] | Any, *args: Any, **kwargs: Any) -> None:
+        super().log_hyperparams(params, *args, **kwargs)
+        if isinstance(params, Mapping):
+            summary = {key: params[key] for key in SUMMARY_KEYS if params.get(key) is not None}
+            if summary:
+                self.experiment.summary.update(summary)
+
+
+def close_loggers(loggers: Sequence[Logger], failed: bool) -> None:
+    """Finish every W&B run of a job (exit code 1 when it failed) so the next job of a sweep starts its own."""
+    for logger in loggers:
+        run = getattr(logger, "_experiment", None) if isinstance(logger, LightningWandbLogger) else None
+        if run is None:
+            continue
+        run.finish(exit_code=1 if failed else 0)
+        logger._experiment = None

@@ -1,0 +1,417 @@
+"""``das-lab profile``: what models cost on this machine, and how attention layers scale with resolution.
+
+Model table (``model=NAME`` or ``profile.compare=[A,B,...]``): parameters, GMACs at batch 1
+(the "GFLOPs" of papers, counted by :mod:`das_lab.utils.flops`), forward and forward+backward
+throughput at ``profile.batch_size`` (median of ``profile.repeats`` timed passes after
+``profile.warmup``), and the peak tensor memory one pass allocates beyond the model and its
+input (CUDA: ``torch.cuda.max_memory_allocated``; CPU: allocations recorded by
+``torch.profiler``). With several models, ratios to the first one are added.
+
+Resolution curve (``profile.resolutions=[...]``): three single layers of ``profile.layer_width``
+channels on a map of side ``resolution / profile.layer_stride`` -- the DAS gate (DASGate defaults),
+DAT++'s deformable attention (DAT-T++ stage-1 settings: key stride 8, offset kernel 9, one offset
+group, position bias table) and a plain global multi-head self-attention with the same 1x1
+projections. GMACs are counted on the meta device (nothing is allocated, any size is affordable);
+points up to ``profile.timing_limit_gmacs`` are also timed at batch 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import statistics
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
+
+from das_lab.cli import UserError, run_hydra
+from das_lab.config import config_dir
+from das_lab.models.das import DASGate
+from das_lab.models.dat import DeformableAttention
+from das_lab.utils.flops import count_flops, count_params
+
+PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIB = 2**20
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the GPU when there is one, else the CPU; an unavailable GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"profile.device={name} but torch sees no CUDA device; use profile.device=cpu (or auto)")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """The autocast context of ``precision`` (fp32: none)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"profile.precision={precision} is not supported; choose one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so that wall-clock times are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``step`` after ``warmup`` untimed calls."""
+    if repeats < 1:
+        raise UserError(f"profile.repeats={repeats}: need at least one timed pass")
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_mib(step: Callable[[], Any], device: torch.device) -> float:
+    """Peak tensor memory one call of ``step`` allocates on ``device`` beyond what already exists (MiB)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / MIB
+    if device.type != "cpu":
+        return math.nan
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+        step()
+    allocations = sorted(
+        (e for e in recorded.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
+        key=lambda e: e.start_ns(),
+    )
+    current = peak = 0
+    for event in allocations:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak / MIB
+
+
+def forward_step(model: nn.Module, x: torch.Tensor, precision: str) -> Callable[[], None]:
+    """One inference pass (no autograd graph)."""
+
+    def step() -> None:
+        with torch.no_grad(), autocast(x.device, precision):
+            model(x)
+
+    return step
+
+
+def backward_step(model: nn.Module, x: torch.Tensor, precision: str) -> Callable[[], None]:
+    """One forward+backward pass with a scalar loss (no optimizer step)."""
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with autocast(x.device, precision):
+            out = model(x)
+        out.float().mean().backward()
+
+    return step
+
+
+def example_input(shape: Sequence[int], device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A reproducible random input of ``shape`` on ``device``."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@dataclass
+class ModelCost:
+    """One row of the model table."""
+
+    model: str
+    params_m: float
+    gflops: float
+    fwd_img_s: float
+    train_img_s: float
+    fwd_peak_mib: float
+    train_peak_mib: float
+
+
+def measure_model(
+    name: str, model: nn.Module, image_size: int, batch_size: int, device: torch.device, *,
+    precision: str = "fp32", channels_last: bool = False, warmup: int = 2, repeats: int = 5,
+) -> ModelCost:
+    """Params, GMACs (batch 1, fp32) and throughput/peak memory at ``batch_size`` of one model."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    gflops = count_flops(model, (1, 3, image_size, image_size), device=device) / 2e9
+    x = example_input((batch_size, 3, image_size, image_size), device, channels_last)
+    try:
+        model.eval()
+        forward = forward_step(model, x, precision)
+        fwd_s = median_seconds(forward, device, warmup, repeats)
+        fwd_mib = peak_memory_mib(forward, device)
+        model.train()
+        train = backward_step(model, x, precision)
+        train_s = median_seconds(train, device, warmup, repeats)
+        model.zero_grad(set_to_none=True)
+        train_mib = peak_memory_mib(train, device)
+    except RuntimeError as error:
+        if precision == "fp32":
+            raise
+        raise UserError(
+            f"{name} does not run under {precision} autocast on {device.type} "
+            f"({str(error).splitlines()[0]}); use profile.precision=fp32 or another device"
+        ) from error
+    finally:
+        model.zero_grad(set_to_none=True)
+    return ModelCost(name, count_params(model) / 1e6, gflops, batch_size / fwd_s, batch_size / train_s, fwd_mib, train_mib)
+
+
+# ----------------------------------------------------------------------------- resolution curve
+
+
+class GlobalSelfAttention(nn.Module):
+    """Multi-head self-attention of every pixel over all pixels: the O(n^2) reference of the curve."""
+
+    def __init__(self, channels: int, heads: int) -> None:
+        super().__init__()
+        if channels % heads:
+            raise UserError(f"profile.layer_heads={heads} does not divide profile.layer_width={channels}; choose a divisor")
+        self.heads = heads
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        qkv = self.qkv(x).reshape(batch, 3, self.heads, channels // self.heads, height * width)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(-1, -2).reshape(batch, channels, height, width))
+
+
+def _deformable_attention(width: int, heads: int, side: int) -> nn.Module:
+    if width % heads:
+        raise UserError(f"profile.layer_heads={heads} does not divide profile.layer_width={width}; choose a divisor")
+    return DeformableAttention(
+        (side, side), n_heads=heads, n_head_channels=width // heads, n_groups=1, attn_drop=0.0, proj_drop=0.0,
+        stride=8, offset_range_factor=-1.0, use_pe=True, dwc_pe=False, no_off=False, fixed_pe=False, ksize=9,
+        log_cpb=False,
+    )
+
+
+CURVE_LAYERS: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "das_gate": lambda width, heads, side: DASGate(width),
+    "dat_deformable_attention": _deformable_attention,
+    "global_attention": lambda width, heads, side: GlobalSelfAttention(width, heads),
+}
+
+
+@dataclass
+class CurvePoint:
+    """Cost of one layer at one input resolution."""
+
+    layer: str
+    resolution: int
+    map_side: int
+    tokens: int
+    gflops: float
+    ms: Optional[float]
+    peak_mib: Optional[float]
+    note: str
+
+
+def resolution_curve(
+    resolutions: Sequence[int], width: int, stride: int, heads: int, device: torch.device, timing_limit_gmacs: float,
+    *, warmup: int = 1, repeats: int = 3,
+) -> list[CurvePoint]:
+    """Counted GMACs of every curve layer at every resolution, timed where under the limit."""
+    points = []
+    for resolution in resolutions:
+        if resolution % stride or resolution < stride:
+            raise UserError(
+                f"profile.resolutions entry {resolution} is not a multiple of profile.layer_stride={stride}; "
+                f"use multiples such as {stride * 28}"
+            )
+        side = resolution // stride
+        shape = (1, width, side, side)
+        for name, build in CURVE_LAYERS.items():
+            with torch.device("meta"):
+                counted = build(width, heads, side)
+            gflops = count_flops(counted, shape, device="meta") / 2e9
+            ms = peak = None
+            note = ""
+            if gflops <= timing_limit_gmacs:
+                torch.manual_seed(0)
+                layer = build(width, heads, side).to(device).eval()
+                forward = forward_step(layer, example_input(shape, device), "fp32")
+                ms = 1000 * median_seconds(forward, device, warmup, repeats)
+                peak = peak_memory_mib(forward, device)
+            else:
+                note = f"not timed: {gflops:.1f} GMACs > profile.timing_limit_gmacs.{device.type}={timing_limit_gmacs}"
+            points.append(CurvePoint(name, resolution, side, side * side, gflops, ms, peak, note))
+    return points
+
+
+def growth_exponent(points: Sequence[CurvePoint], layer: str) -> float:
+    """Least-squares slope of log GMACs over log pixels: 1 is linear, 2 quadratic in the pixel count."""
+    pairs = [(math.log(p.tokens), math.log(p.gflops)) for p in points if p.layer == layer]
+    if len(pairs) < 2:
+        return math.nan
+    mx = statistics.fmean(x for x, _ in pairs)
+    my = statistics.fmean(y for _, y in pairs)
+    return sum((x - mx) * (y - my) for x, y in pairs) / sum((x - mx) ** 2 for x, _ in pairs)
+
+
+def plot_curve(points: Sequence[CurvePoint], path: Path, title: str) -> None:
+    """Log-log plot of GMACs (left) and measured time (right) against input resolution."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.2))
+    cost_axes, time_axes = figure.subplots(1, 2)
+    for layer in CURVE_LAYERS:
+        mine = [p for p in points if p.layer == layer]
+        label = f"{layer} (~pixels^{growth_exponent(points, layer):.2f})"
+        cost_axes.plot([p.resolution for p in mine], [p.gflops for p in mine], "o-", label=label)
+        timed = [p for p in mine if p.ms is not None]
+        time_axes.plot([p.resolution for p in timed], [p.ms for p in timed], "o-", label=layer)
+    for axes, ylabel in ((cost_axes, "GMACs (batch 1)"), (time_axes, "forward time (ms, batch 1)")):
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        axes.set_xlabel("input resolution (px)")
+        axes.set_ylabel(ylabel)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize=8)
+    time_axes.set_title("measured (untimed points omitted)", fontsize=9)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+# ----------------------------------------------------------------------------- tables and files
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; floats get three significant decimals."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """One row per record, columns in the first record's order."""
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def with_ratios(costs: Sequence[ModelCost]) -> list[dict[str, Any]]:
+    """Rows of the model table with each figure's ratio to the first model."""
+    first = costs[0]
+    ratio_of = {"params_m": "params_x", "gflops": "gflops_x", "fwd_img_s": "fwd_img_s_x", "train_img_s": "train_img_s_x"}
+    rows = []
+    for cost in costs:
+        row = asdict(cost)
+        row.update({ratio: getattr(cost, key) / getattr(first, key) for key, ratio in ratio_of.items()})
+        rows.append(row)
+    return rows
+
+
+MODEL_HEADER = ("model", "params (M)", "GFLOPs", "fwd img/s", "fwd+bwd img/s", "fwd peak MiB", "fwd+bwd peak MiB")
+RATIO_HEADER = ("params x", "GFLOPs x", "fwd img/s x", "fwd+bwd img/s x")
+
+
+def model_config(cfg: DictConfig, name: str) -> DictConfig:
+    """conf/model/<name>.yaml placed in a copy of ``cfg`` so its ``${data...}`` references resolve."""
+    path = config_dir() / "model" / f"{name}.yaml"
+    if not path.is_file():
+        available = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise UserError(f"profile.compare entry {name!r} has no config {path}; choose from: {available}")
+    composed = copy.deepcopy(cfg)
+    with open_dict(composed):
+        composed.model = OmegaConf.load(path)
+    return composed.model
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def profile(cfg: DictConfig) -> None:
+    """Print the model table (and the resolution curve) and write them to the run folder."""
+    settings = cfg.profile
+    device = resolve_device(str(settings.device))
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image_size, batch = int(settings.image_size), int(settings.batch_size)
+    chosen = HydraConfig.get().runtime.choices.get("model", "model")
+    configs = {str(name): model_config(cfg, str(name)) for name in settings.compare} or {chosen: cfg.model}
+    print(f"das-lab profile on {device} ({torch.get_num_threads()} threads), {image_size}px, batch {batch}, "
+          f"{settings.precision}{', channels_last' if settings.channels_last else ''}; "
+          f"median of {settings.repeats} after {settings.warmup} warm-up; GFLOPs = GMACs at batch 1", flush=True)
+    costs = [
+        measure_model(name, instantiate(config), image_size, batch, device, precision=str(settings.precision),
+                      channels_last=bool(settings.channels_last), warmup=int(settings.warmup),
+                      repeats=int(settings.repeats))
+        for name, config in configs.items()
+    ]
+    rows = with_ratios(costs)
+    compare = len(rows) > 1
+    keys = [f.name for f in fields(ModelCost)] + (["params_x", "gflops_x", "fwd_img_s_x", "train_img_s_x"] if compare else [])
+    header = MODEL_HEADER + (RATIO_HEADER if compare else ())
+    print(markdown_table(header, [[row[k] for k in keys] for row in rows]), flush=True)
+    files = [out_dir / "profile.csv"]
+    write_csv(files[0], rows)
+
+    if settings.resolutions:
+        limits = OmegaConf.to_container(settings.timing_limit_gmacs)
+        points = resolution_curve(
+            [int(r) for r in settings.resolutions], int(settings.layer_width), int(settings.layer_stride),
+            int(settings.layer_heads), device, float(limits.get(device.type, 0.0)),
+        )
+        print(f"\ncost vs resolution: single layers, {settings.layer_width} channels on a map of side "
+              f"resolution/{settings.layer_stride}, batch 1, fp32")
+        print(markdown_table(
+            ("layer", "resolution", "map", "tokens", "GFLOPs", "ms", "peak MiB", "note"),
+            [[p.layer, p.resolution, f"{p.map_side}x{p.map_side}", p.tokens, p.gflops, p.ms, p.peak_mib, p.note]
+             for p in points],
+        ))
+        print("growth of GFLOPs with the pixel count (1 = linear, 2 = quadratic): " + ", ".join(
+            f"{layer} {growth_exponent(points, layer):.2f}" for layer in CURVE_LAYERS))
+        files += [out_dir / "resolution_curve.csv", out_dir / "resolution_curve.png"]
+        write_csv(files[1], [asdict(p) for p in points])
+        plot_curve(points, files[2], f"cost vs resolution: {settings.layer_width} channels at stride "
+                                     f"{settings.layer_stride} on {device.type}")
+    print("\nwritten: " + ", ".join(str(f) for f in files))
+
+
+def main(args: Sequence[str]) -> int:
+    """``das-lab profile [hydra overrides]``."""
+    return run_hydra(profile, "profile", "profile", args)

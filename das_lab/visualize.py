@@ -1,0 +1,87 @@
+"""``das-lab visualize``: attention figures (DAS gates, DAT++ sampling) of a checkpoint on any images."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from das_lab.data.digits import ClutteredDigits, DigitsDataModule
+from das_lab.data.image_io import read_rgb
+from das_lab.pipeline import CONFIG_KEY, build_module, read_checkpoint
+from das_lab.plots import attention_figures, can_draw, save_figures
+
+log = logging.getLogger(__name__)
+
+
+def load_network(ckpt_path: str) -> tuple[nn.Module, Any]:
+    """The backbone stored in a das-lab checkpoint (weights loaded) and its datamodule (not set up)."""
+    checkpoint = read_checkpoint(ckpt_path)
+    stored = checkpoint.get(CONFIG_KEY)
+    if stored is None:
+        raise ValueError(f"{ckpt_path} has no '{CONFIG_KEY}' entry: visualize needs a checkpoint written by `das-lab train`")
+    model_cfg = OmegaConf.create(stored["model"])
+    if "checkpoint" in model_cfg:
+        model_cfg.checkpoint = None  # the das-lab checkpoint carries the weights
+    net, module = build_module(model_cfg, stored["task"], stored["optimizer"], stored["scheduler"])
+    module.load_state_dict(checkpoint["state_dict"])
+    return net, instantiate(stored["data"])
+
+
+def _digits_transform(datamodule: DigitsDataModule) -> Callable[[Tensor], Tensor]:
+    """Any RGB image -> a digits input: grayscale, resized to data.image_size, normalised like the canvases."""
+
+    def transform(rgb: Tensor) -> Tensor:
+        gray = (rgb.float() * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+        size = (datamodule.image_size, datamodule.image_size)
+        resized = F.interpolate(gray[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        canvas = resized.round().clamp(0, 255).to(torch.uint8)
+        return ClutteredDigits(canvas[None], torch.zeros(1, dtype=torch.long))[0][0]
+
+    return transform
+
+
+def eval_transform(datamodule: Any) -> Callable[[Tensor], Tensor]:
+    """The checkpoint's evaluation preprocessing for a uint8 (3, H, W) image."""
+    if isinstance(datamodule, DigitsDataModule):
+        return _digits_transform(datamodule)
+    transform = getattr(datamodule, "eval_transform", None)
+    if transform is None:
+        raise ValueError(
+            f"{type(datamodule).__name__} has no eval_transform: cannot prepare images for this checkpoint's model"
+        )
+    return transform
+
+
+def visualize(cfg: DictConfig) -> Optional[float]:
+    """Write the attention figures of ``cfg.ckpt_path`` for ``cfg.images``."""
+    images = [cfg.images] if isinstance(cfg.images, str) else list(cfg.images)
+    if not images:
+        raise ValueError("images=[]: give at least one image, e.g. images=[a.jpg,b.png]")
+    missing = [path for path in images if not Path(path).expanduser().is_file()]
+    if missing:
+        raise FileNotFoundError(f"images not found: {', '.join(map(str, missing))}")
+    net, datamodule = load_network(cfg.ckpt_path)
+    if not can_draw(net):
+        raise ValueError(f"{type(net).__name__} has no DAS gates or deformable sampling: there is nothing to draw")
+    transform = eval_transform(datamodule)
+    inputs = [transform(read_rgb(Path(path).expanduser())) for path in images]
+    out_dir = Path(cfg.out_dir or Path(cfg.paths.output_dir) / "visualizations").expanduser()
+    figures = attention_figures(net, inputs, [Path(path).name for path in images])
+    paths = save_figures(figures, out_dir)
+    log.info("%d figures in %s", len(paths), out_dir)
+    print(*paths, sep="\n")
+    return None
+
+
+def main(args: Sequence[str]) -> int:
+    """``das-lab visualize ckpt_path=PATH images=[a.jpg,...] [out_dir=DIR]``."""
+    from das_lab.cli import run_hydra
+
+    return run_hydra(visualize, "visualize", "visualize", list(args))
