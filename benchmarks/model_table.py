@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
-import time
 
 import timm
 import torch
 
+from das_lab.profile import example_input, forward_step, median_seconds
 from das_lab.utils.flops import count_gmacs, count_params
 
 MODULES = ("das_lab.models.das_resnet", "das_lab.models.das_mobilenet", "das_lab.models.dat")
@@ -42,15 +41,8 @@ def import_registering_modules() -> None:
 
 def latency_ms(model: torch.nn.Module, image_size: int, batch: int, repeats: int) -> float:
     """Median forward time of one batch, after one warm-up pass."""
-    x = torch.randn(batch, 3, image_size, image_size)
-    times = []
-    with torch.no_grad():
-        model(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    step = forward_step(model, example_input((batch, 3, image_size, image_size), torch.device("cpu")), "fp32")
+    return 1000 * median_seconds(step, torch.device("cpu"), warmup=1, repeats=repeats)
 
 
 def main() -> None:

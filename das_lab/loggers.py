@@ -115,7 +115,7 @@ class WandbLogger(LightningWandbLogger):
             save_dir=save_dir,
             project=project,
             log_model=log_model,
-            offline=reason is not None,
+            mode="offline" if reason is not None else None,  # per run; Lightning's offline flag would set it process-wide
             entity=entity,
             group=group or hydra_group,
             tags=list(tags or []),

@@ -96,14 +96,14 @@ def sampling_figure(
     height, width = image.shape[:2]
     colours = plt.get_cmap("tab10")
     for ax, (label, pos, ref, feature_size) in zip(axes[1:], blocks):
-        ax.imshow(image)
+        ax.imshow(image.mean(-1), cmap="gray", alpha=0.7)
         sampled = _to_pixels(pos, feature_size, (height, width))
         grid = _to_pixels(ref, feature_size, (height, width))
         for group, (points, anchors) in enumerate(zip(sampled, grid)):
             colour = colours(group % 10)
             ax.plot([anchors[:, 0], points[:, 0]], [anchors[:, 1], points[:, 1]], color=colour, lw=0.5, alpha=0.6)
-            ax.scatter(points[:, 0], points[:, 1], s=6, color=colour, zorder=3)
-        ax.scatter(grid[..., 0], grid[..., 1], s=4, marker="x", color="white", linewidths=0.6, zorder=2)
+            ax.scatter(points[:, 0], points[:, 1], s=10, color=colour, zorder=3)
+        ax.scatter(grid[..., 0], grid[..., 1], s=8, marker="x", color="white", linewidths=0.8, zorder=2)
         ax.set_xlim(-0.5, width - 0.5)
         ax.set_ylim(height - 0.5, -0.5)
         ax.set_title(label, fontsize=8)

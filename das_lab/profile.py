@@ -242,7 +242,7 @@ class CurvePoint:
 
 def resolution_curve(
     resolutions: Sequence[int], width: int, stride: int, heads: int, device: torch.device, timing_limit_gmacs: float,
-    *, warmup: int = 1, repeats: int = 3,
+    *, warmup: int = 2, repeats: int = 5,
 ) -> list[CurvePoint]:
     """Counted GMACs of every curve layer at every resolution, timed where under the limit."""
     points = []
@@ -294,9 +294,12 @@ def plot_curve(points: Sequence[CurvePoint], path: Path, title: str) -> None:
         cost_axes.plot([p.resolution for p in mine], [p.gflops for p in mine], "o-", label=label)
         timed = [p for p in mine if p.ms is not None]
         time_axes.plot([p.resolution for p in timed], [p.ms for p in timed], "o-", label=layer)
+    resolutions = sorted({p.resolution for p in points})
     for axes, ylabel in ((cost_axes, "GMACs (batch 1)"), (time_axes, "forward time (ms, batch 1)")):
         axes.set_xscale("log", base=2)
         axes.set_yscale("log")
+        axes.set_xticks(resolutions, [str(r) for r in resolutions])
+        axes.minorticks_off()
         axes.set_xlabel("input resolution (px)")
         axes.set_ylabel(ylabel)
         axes.grid(True, which="both", alpha=0.3)
@@ -395,6 +398,7 @@ def profile(cfg: DictConfig) -> None:
         points = resolution_curve(
             [int(r) for r in settings.resolutions], int(settings.layer_width), int(settings.layer_stride),
             int(settings.layer_heads), device, float(limits.get(device.type, 0.0)),
+            warmup=int(settings.warmup), repeats=int(settings.repeats),
         )
         print(f"\ncost vs resolution: single layers, {settings.layer_width} channels on a map of side "
               f"resolution/{settings.layer_stride}, batch 1, fp32")

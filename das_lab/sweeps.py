@@ -1,8 +1,17 @@
-"""Helpers that Hydra sweeper configs instantiate (``conf/hparams_search``)."""
+"""Helpers that the Optuna search config (``conf/hparams_search/optuna.yaml``) instantiates."""
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 def sqlite_storage(path: str) -> str:
@@ -10,3 +19,21 @@ def sqlite_storage(path: str) -> str:
     file = Path(path).expanduser().absolute()
     file.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{file}"
+
+
+class NanObjectiveFailsTrial(Callback):
+    """Turns a NaN objective (a failed or diverged job) into no value, which the Optuna sweeper records as FAIL.
+
+    hydra-optuna-sweeper hands a NaN to ``study.tell`` as a completed value; Optuna rejects it and
+    the search ends with the trial left RUNNING. Without a value the sweeper marks the trial failed
+    and continues.
+    """
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if job_return.status != JobStatus.COMPLETED:
+            return
+        value = job_return.return_value
+        if isinstance(value, float) and math.isnan(value):
+            log.warning("job %s has no objective value (NaN): its Optuna trial is recorded as failed",
+                        config.hydra.job.get("num"))
+            job_return.return_value = None

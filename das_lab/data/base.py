@@ -25,7 +25,7 @@ class EpochSeededSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**63)
         return iter(torch.randperm(self.length, generator=generator).tolist())
 
     def __len__(self) -> int:

@@ -88,7 +88,7 @@ class DigitsDataModule(DataModuleBase):
         num_workers: int = 0,
         image_size: int = 64,
         digit_size: int = 24,
-        num_distractors: int = 6,
+        num_distractors: int = 4,
         train_copies: int = 4,
         eval_copies: int = 2,
         val_fraction: float = 0.15,

@@ -51,6 +51,9 @@ def configure_timm_optimization(
     else:
         updates_per_epoch = max(1, total_steps // max(1, trainer.max_epochs or 1))
     num_epochs = max(1, math.ceil(total_steps / updates_per_epoch))
+    settings = getattr(scheduler, "keywords", {})
+    if settings.get("warmup_prefix"):  # timm then starts the decay after the warm-up: keep the end in place
+        num_epochs = max(1, num_epochs - settings.get("warmup_epochs", 0))
     sched, _ = scheduler(opt, num_epochs=num_epochs, updates_per_epoch=updates_per_epoch, step_on_epochs=False)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
