@@ -3,27 +3,31 @@
 Usage: python benchmarks/train_step.py [--device auto|cpu|cuda] [--batch N] [--size PX]
        [--models daslab_resnet50 das_resnet50] [--precision fp32|bf16|fp16] [--channels-last]
 One step = forward (autocast when asked), cross-entropy, backward, SGD-momentum update; the time
-is the median of --repeats steps after --warmup steps. Defaults: batch 8 at 128 px on the CPU,
-batch 64 at 224 px on a GPU. The first model is the reference of the ratio column.
+is the median of --repeats steps after --warmup steps. The models' steps are timed in turn
+(A, B, A, B, ...) so that a shared machine's changing load falls on all of them alike.
+Defaults: batch 8 at 128 px on the CPU, batch 64 at 224 px on a GPU. The first model is the
+reference of the ratio column.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from typing import Callable
 
 import timm
 import torch
 import torch.nn.functional as F
 
 import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
-from das_lab.profile import autocast, example_input, markdown_table, median_seconds, resolve_device
+from das_lab.profile import autocast, example_input, markdown_table, resolve_device, synchronize
 
 
-def train_step_seconds(
-    name: str, batch: int, size: int, device: torch.device, precision: str, channels_last: bool, warmup: int,
-    repeats: int,
-) -> float:
-    """Median seconds of one full optimisation step of ``name`` (1000 classes) on random data."""
+def train_step(
+    name: str, batch: int, size: int, device: torch.device, precision: str, channels_last: bool,
+) -> Callable[[], None]:
+    """One full optimisation step of ``name`` (1000 classes) on fixed random data."""
     model = timm.create_model(name, num_classes=1000).to(device).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -38,7 +42,23 @@ def train_step_seconds(
         loss.backward()
         optimizer.step()
 
-    return median_seconds(step, device, warmup, repeats)
+    return step
+
+
+def interleaved_seconds(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per step of each model, timing the models in turn after ``warmup`` steps each."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -59,10 +79,8 @@ def main() -> None:
     print(f"train step on {device} ({torch.cuda.get_device_name(device) if on_gpu else f'{torch.get_num_threads()} threads'}), "
           f"batch {batch} at {size}px, {args.precision}{', channels_last' if args.channels_last else ''}; "
           f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
-    seconds = {
-        name: train_step_seconds(name, batch, size, device, args.precision, args.channels_last, args.warmup, args.repeats)
-        for name in args.models
-    }
+    steps = {name: train_step(name, batch, size, device, args.precision, args.channels_last) for name in args.models}
+    seconds = interleaved_seconds(steps, device, args.warmup, args.repeats)
     reference = seconds[args.models[0]]
     print(markdown_table(
         ("model", "ms/step", "img/s", f"time x {args.models[0]}"),

@@ -20,8 +20,10 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import os
 import statistics
 import time
+import traceback
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -41,6 +43,7 @@ from das_lab.cli import UserError, run_hydra
 from das_lab.config import config_dir
 from das_lab.models.das import DASGate
 from das_lab.models.dat import DeformableAttention
+from das_lab.run import RunRecord
 from das_lab.utils.flops import count_flops, count_params
 
 PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -101,6 +104,7 @@ def peak_memory_mib(step: Callable[[], Any], device: torch.device) -> float:
         return (torch.cuda.max_memory_allocated(device) - base) / MIB
     if device.type != "cpu":
         return math.nan
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start-up notices are not for the user
     with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
         step()
     allocations = sorted(
@@ -336,14 +340,16 @@ def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
         writer.writerows(records)
 
 
+RATIOS = {"params_m": "params_x", "gflops": "gflops_x", "fwd_img_s": "fwd_img_s_x", "train_img_s": "train_img_s_x"}
+
+
 def with_ratios(costs: Sequence[ModelCost]) -> list[dict[str, Any]]:
     """Rows of the model table with each figure's ratio to the first model."""
     first = costs[0]
-    ratio_of = {"params_m": "params_x", "gflops": "gflops_x", "fwd_img_s": "fwd_img_s_x", "train_img_s": "train_img_s_x"}
     rows = []
     for cost in costs:
         row = asdict(cost)
-        row.update({ratio: getattr(cost, key) / getattr(first, key) for key, ratio in ratio_of.items()})
+        row.update({ratio: getattr(cost, key) / getattr(first, key) for key, ratio in RATIOS.items()})
         rows.append(row)
     return rows
 
@@ -369,10 +375,18 @@ def model_config(cfg: DictConfig, name: str) -> DictConfig:
 
 def profile(cfg: DictConfig) -> None:
     """Print the model table (and the resolution curve) and write them to the run folder."""
-    settings = cfg.profile
-    device = resolve_device(str(settings.device))
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _profile(cfg, out_dir)
+    except Exception as error:
+        RunRecord(out_dir, []).failed_path.write_text("".join(traceback.format_exception(error)))
+        raise
+
+
+def _profile(cfg: DictConfig, out_dir: Path) -> None:
+    settings = cfg.profile
+    device = resolve_device(str(settings.device))
     image_size, batch = int(settings.image_size), int(settings.batch_size)
     chosen = HydraConfig.get().runtime.choices.get("model", "model")
     configs = {str(name): model_config(cfg, str(name)) for name in settings.compare} or {chosen: cfg.model}
@@ -387,7 +401,7 @@ def profile(cfg: DictConfig) -> None:
     ]
     rows = with_ratios(costs)
     compare = len(rows) > 1
-    keys = [f.name for f in fields(ModelCost)] + (["params_x", "gflops_x", "fwd_img_s_x", "train_img_s_x"] if compare else [])
+    keys = [f.name for f in fields(ModelCost)] + (list(RATIOS.values()) if compare else [])
     header = MODEL_HEADER + (RATIO_HEADER if compare else ())
     print(markdown_table(header, [[row[k] for k in keys] for row in rows]), flush=True)
     files = [out_dir / "profile.csv"]

@@ -72,7 +72,7 @@ def visualize(cfg: DictConfig) -> Optional[float]:
         raise ValueError(f"{type(net).__name__} has no DAS gates or deformable sampling: there is nothing to draw")
     transform = eval_transform(datamodule)
     inputs = [transform(read_rgb(Path(path).expanduser())) for path in images]
-    out_dir = Path(cfg.out_dir or Path(cfg.paths.output_dir) / "visualizations").expanduser()
+    out_dir = Path(cfg.out_dir or Path(cfg.paths.output_dir) / "visualizations").expanduser().absolute()
     figures = attention_figures(net, inputs, [Path(path).name for path in images])
     paths = save_figures(figures, out_dir)
     log.info("%d figures in %s", len(paths), out_dir)

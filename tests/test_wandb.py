@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,10 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:  # zero padding up to the end of the block
+            pos += left
+            continue
         pos += 7
-        if kind == 0:
-            break
         pending += data[pos : pos + length]
         pos += length
         if kind in (1, 4):  # a full record, or the last chunk of one
@@ -40,6 +42,16 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
             records.append(record)
             pending = b""
     return records
+
+
+def finished_records(path: Path, timeout_s: float = 30.0) -> list[wandb_internal_pb2.Record]:
+    """Records of a finished run; W&B's writer process may still be flushing the file when the run returns."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def _of(records, kind: str) -> list:
@@ -90,7 +102,7 @@ def test_close_loggers_finishes_failed_run_and_keeps_summary(wandb_env):
     close_loggers([logger], failed=False)  # closing twice is harmless
 
     (log_file,) = (wandb_env / "run" / "wandb").glob("offline-run-*/run-*.wandb")
-    records = read_records(log_file)
+    records = finished_records(log_file)
     (run,) = _of(records, "run")
     assert run.display_name == "job" and run.project == "das-lab"
     config = {u.key: json.loads(u.value_json) for r in _of(records, "config") for u in r.update}
@@ -130,7 +142,7 @@ def test_multirun_offline_runs_are_grouped_and_hold_metrics_and_images(wandb_env
     names = []
     for job in jobs:
         (log_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
-        records = read_records(log_file)
+        records = finished_records(log_file)
         (run,) = _of(records, "run")
         assert run.run_group == f"multirun-{sweep.parent.name}-{sweep.name}"
         names.append(run.display_name)

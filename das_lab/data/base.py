@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Optional
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -66,10 +67,17 @@ class DataModuleBase(L.LightningDataModule):
         """Batch collation; ``None`` means PyTorch's default (stacking)."""
         return None
 
+    @staticmethod
+    def _eval_sampler(dataset: Dataset) -> Optional[Sampler]:
+        """Under DDP, split evaluation data without padding, so every image counts exactly once."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return UnrepeatedDistributedSampler(dataset, shuffle=False)
+        return None
+
     def _loader(self, dataset: Optional[Dataset], shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a loader")
-        sampler = EpochSeededSampler(len(dataset), torch.initial_seed()) if shuffle else None
+        sampler = EpochSeededSampler(len(dataset), torch.initial_seed()) if shuffle else self._eval_sampler(dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -130,7 +130,10 @@ class DASGate(nn.Module):
         n_offsets = 2 * self.offset_groups * self.deform.kernel_size[0] * self.deform.kernel_size[1]
         offsets = predicted[:, :n_offsets]
         mask = predicted[:, n_offsets:].sigmoid() if self.modulated else None
-        gate = torch.sigmoid(self.norm2(self.deform(hidden, offsets, mask)))
+        # torchvision's deform_conv2d has float32 kernels only on CPU and no autocast rule there
+        with torch.autocast(hidden.device.type, enabled=False):
+            sampled = self.deform(hidden.float(), offsets.float(), None if mask is None else mask.float())
+        gate = torch.sigmoid(self.norm2(sampled))
         if self.record_maps:
             self.last_maps = GateMaps(
                 gate=gate.detach(), offsets=offsets.detach(), mask=None if mask is None else mask.detach()
