@@ -115,7 +115,8 @@ class WandbLogger(LightningWandbLogger):
             save_dir=save_dir,
             project=project,
             log_model=log_model,
-            mode="offline" if reason is not None else None,  # per run; Lightning's offline flag would set it process-wide
+            # per run: Lightning's own offline flag would set WANDB_MODE for the whole process
+            mode="offline" if reason is not None else None,
             entity=entity,
             group=group or hydra_group,
             tags=list(tags or []),

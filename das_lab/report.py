@@ -160,7 +160,9 @@ def _fmt_time(seconds: Optional[float]) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def table(jobs: Sequence[Job], keys: Sequence[str], columns: Sequence[tuple[str, str]]) -> tuple[list[str], list[list[str]]]:
+def table(
+    jobs: Sequence[Job], keys: Sequence[str], columns: Sequence[tuple[str, str]]
+) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows of the report table."""
     header = ["job", *keys, "params (M)", "GFLOPs"]
     header += [f"{kind} {metric}" + (" (%)" if _percent(metric) else "") for kind, metric in columns]
@@ -192,7 +194,8 @@ def write_csv(path: Path, jobs: Sequence[Job], keys: Sequence[str], columns: Seq
     """Raw values (fractions, seconds, parameter counts) for further analysis."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["job", *keys, "params", "gflops", *(f"{k} {m}" for k, m in columns), "wall_time_s", "status", "path"])
+        metric_names = [f"{kind} {metric}" for kind, metric in columns]
+        writer.writerow(["job", *keys, "params", "gflops", *metric_names, "wall_time_s", "status", "path"])
         for job in jobs:
             writer.writerow([
                 job.label,
@@ -236,7 +239,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def plot_metric(out_dir: Path, jobs: Sequence[Job], keys: Sequence[str], metric: str) -> list[Path]:
-    """One PNG per swept key: ``metric`` against its values, one line per setting of the other keys, mean +- std over seeds."""
+    """One PNG per swept key: ``metric`` per value, a line per setting of the other keys, mean +- std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -25,7 +25,9 @@ def load_network(ckpt_path: str) -> tuple[nn.Module, Any]:
     checkpoint = read_checkpoint(ckpt_path)
     stored = checkpoint.get(CONFIG_KEY)
     if stored is None:
-        raise ValueError(f"{ckpt_path} has no '{CONFIG_KEY}' entry: visualize needs a checkpoint written by `das-lab train`")
+        raise ValueError(
+            f"{ckpt_path} has no '{CONFIG_KEY}' entry: visualize needs a checkpoint written by `das-lab train`"
+        )
     model_cfg = OmegaConf.create(stored["model"])
     if "checkpoint" in model_cfg:
         model_cfg.checkpoint = None  # the das-lab checkpoint carries the weights

@@ -15,6 +15,9 @@ from cli_helpers import TINY, run_cli
 from das_lab.report import build_report, find_jobs, main, parse_overrides, swept_keys
 from das_lab.run import RunRecord
 
+# one training and one validation step per job, no test
+FAST = [*TINY, "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false"]
+
 
 def _job(sweep: Path, num: int, overrides: list[str], metrics: dict | None, monitor: str = "val/acc1") -> Path:
     """A job folder as Hydra and RunRecord leave it; ``metrics=None`` leaves no metrics.json."""
@@ -34,7 +37,8 @@ def _completed(acc: float, final: float | None = None) -> dict:
 
 
 def test_parse_overrides_drops_prefixes():
-    assert parse_overrides(["+experiment=x", "model=das", "++seed=3", "~tags"]) == {"experiment": "x", "model": "das", "seed": "3"}
+    parsed = parse_overrides(["+experiment=x", "model=das", "++seed=3", "~tags"])
+    assert parsed == {"experiment": "x", "model": "das", "seed": "3"}
 
 
 def test_swept_keys_are_those_that_differ(tmp_path):
@@ -102,13 +106,14 @@ def test_report_reads_several_sweeps_and_writes_to_out(tmp_path, capsys):
 def test_report_of_missing_folder_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"das-lab report: error: no sweep folder at {tmp_path / 'nowhere'}: give a multirun folder, e.g. multirun/DATE/TIME"
+        f"das-lab report: error: no sweep folder at {tmp_path / 'nowhere'}: "
+        "give a multirun folder, e.g. multirun/DATE/TIME"
     )
 
 
 @pytest.mark.slow
 def test_two_by_two_sweep_report(tmp_path):
-    result = run_cli(["train", "-m", "model=resnet_tiny,das_resnet_tiny", "seed=1,2", *TINY, "test=false"], cwd=tmp_path)
+    result = run_cli(["train", "-m", "model=resnet_tiny,das_resnet_tiny", "seed=1,2", *FAST], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun").glob("*/*")
     report = run_cli(["report", str(sweep)], cwd=tmp_path)

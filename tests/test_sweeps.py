@@ -19,6 +19,9 @@ from das_lab.cli import _register_resolvers
 from das_lab.config import config_dir
 from das_lab.sweeps import NanObjectiveFailsTrial, sqlite_storage
 
+# one training and one validation step per job, no test
+FAST = [*TINY, "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false"]
+
 
 @pytest.fixture()
 def compose_train(tmp_path):
@@ -74,7 +77,8 @@ def test_slurm_launcher_follows_the_trainer(compose_train):
                         "hydra.launcher.partition=gpu", "hydra.sweep.dir=/sweeps/x")
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert (launcher["partition"], launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == ("gpu", 2, 4, 4)
+    layout = [launcher[k] for k in ("partition", "nodes", "tasks_per_node", "gpus_per_node")]
+    assert layout == ["gpu", 2, 4, 4]
     assert launcher["max_num_timeout"] == 3 and launcher["timeout_min"] == 1440
     assert launcher["submitit_folder"] == "/sweeps/x/.submitit/%j"
     local = OmegaConf.to_container(compose_train("hydra/launcher=slurm_local", "hydra.sweep.dir=/s").hydra.launcher,
@@ -85,7 +89,8 @@ def test_slurm_launcher_follows_the_trainer(compose_train):
 def test_optuna_direction_follows_monitor_mode(compose_train, tmp_path):
     cfg = compose_train("hparams_search=optuna", f"hydra.sweep.dir={tmp_path}/sweep")
     assert cfg.hydra.sweeper.direction == "maximize"
-    assert compose_train("hparams_search=optuna", "monitor=val/loss", "monitor_mode=min").hydra.sweeper.direction == "minimize"
+    minimising = compose_train("hparams_search=optuna", "monitor=val/loss", "monitor_mode=min")
+    assert minimising.hydra.sweeper.direction == "minimize"
     assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "model.drop_path_rate"}
     assert instantiate(cfg.hydra.sweeper.storage) == f"sqlite:///{tmp_path}/sweep/optuna.db"
     assert (tmp_path / "sweep").is_dir()
@@ -112,7 +117,7 @@ def _trials(sweep):
 
 @pytest.mark.slow
 def test_optuna_search_resumes_and_records_failed_trials(tmp_path):
-    args = ["train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "model=resnet_tiny", *TINY, "test=false"]
+    args = ["train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "model=resnet_tiny", *FAST]
     first = run_cli(args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun").glob("*/*")
@@ -140,7 +145,7 @@ def test_optuna_search_resumes_and_records_failed_trials(tmp_path):
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_job(tmp_path):
-    result = run_cli(["train", "-m", "hydra/launcher=slurm_local", "hydra.launcher.timeout_min=5", *TINY, "test=false"],
+    result = run_cli(["train", "-m", "hydra/launcher=slurm_local", "hydra.launcher.timeout_min=5", *FAST],
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun").glob("*/*")

@@ -22,12 +22,15 @@ from das_lab.models.dat import DAT
 from das_lab.plots import _gate_maps, _to_pixels, attention_figures, can_draw, save_figures
 from das_lab.visualize import main as visualize_main
 
+# one training and one validation step per job, no test
+FAST = [*TINY, "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false"]
+
 TINY_RESNET = dict(num_classes=10, block="basic", layers=[1, 1, 1, 1], channels=[16, 32, 64, 128], stem_width=16)
 
 
 def _dat_nano(**changes) -> DAT:
-    args = dict(img_size=64, num_classes=10, dim_stem=16, dims=[16, 32, 64, 128], depths=[2, 2, 2, 1], heads=[1, 2, 2, 4],
-                stage_spec=[["N", "D"], ["N", "D"], ["N", "D"], ["D"]], groups=[1, 1, 1, 2], strides=[4, 2, 1, 1])
+    args = dict(img_size=64, num_classes=10, dim_stem=16, dims=[16, 32, 64, 128], depths=[2, 2, 2, 1],
+                heads=[1, 2, 2, 4], stage_spec=[["N", "D"], ["N", "D"], ["N", "D"], ["D"]], groups=[1, 1, 1, 2], strides=[4, 2, 1, 1])
     return DAT(**{**args, **changes})
 
 
@@ -70,7 +73,8 @@ def test_dat_figures_draw_each_deformable_block_and_no_offsets_sit_on_the_grid()
     ((name, figure),) = figures
     assert name == "0_sampling"
     panels = figure.axes[1:]
-    assert [ax.get_title() for ax in panels] == ["stage 1 block 1", "stage 2 block 1", "stage 3 block 1", "stage 4 block 0"]
+    titles = [ax.get_title() for ax in panels]
+    assert titles == ["stage 1 block 1", "stage 2 block 1", "stage 3 block 1", "stage 4 block 0"]
     sampled, grid = panels[0].collections[0].get_offsets(), panels[0].collections[1].get_offsets()
     assert len(grid) == 16  # stage 1: 16x16 map, offset stride 4 -> 4x4 reference points
     np.testing.assert_allclose(sampled, grid, atol=1e-5)  # without offsets keys are sampled at the references
@@ -82,8 +86,8 @@ def _fake_trainer(tmp_path: Path, epoch: int, loggers: list) -> SimpleNamespace:
     images = torch.randn(6, 3, 32, 32)
     loader = DataLoader(TensorDataset(images, torch.arange(6) % 3), batch_size=4)
     return SimpleNamespace(sanity_checking=False, is_global_zero=True, current_epoch=epoch, val_dataloaders=loader,
-                           datamodule=SimpleNamespace(class_names=["cat", "dog", "fox"]), default_root_dir=str(tmp_path),
-                           loggers=loggers, global_step=7)
+                           datamodule=SimpleNamespace(class_names=["cat", "dog", "fox"]),
+                           default_root_dir=str(tmp_path), loggers=loggers, global_step=7)
 
 
 def test_callback_saves_every_n_epochs_and_logs_to_tensorboard(tmp_path):
@@ -107,7 +111,9 @@ def test_callback_on_plain_resnet_says_so_once(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="das_lab.callbacks.visualize"):
         for epoch in range(3):
             callback.on_validation_epoch_end(_fake_trainer(tmp_path, epoch, []), module)
-    assert [r.message for r in caplog.records] == ["callbacks.visualize: DASResNet has no DAS gates or deformable sampling; nothing to draw"]
+    assert [r.message for r in caplog.records] == [
+        "callbacks.visualize: DASResNet has no DAS gates or deformable sampling; nothing to draw"
+    ]
     assert not (tmp_path / "visualizations").exists()
 
 
@@ -118,11 +124,12 @@ def test_callback_arguments_are_checked():
 
 @pytest.mark.slow
 def test_visualize_command_on_any_images(tmp_path):
-    result = run_cli(["train", *TINY, "test=false"], cwd=tmp_path)
+    result = run_cli(["train", *FAST], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = read_metrics(run_dirs(tmp_path)[0])["ckpt_best"]
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "a.png")
-    Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 20), dtype=np.uint8), mode="L").save(tmp_path / "b.jpg")
+    gray = np.random.default_rng(1).integers(0, 255, (20, 20), dtype=np.uint8)
+    Image.fromarray(gray, mode="L").save(tmp_path / "b.jpg")
 
     shown = run_cli(["visualize", f"ckpt_path={ckpt}", "images=[a.png,b.jpg]", "out_dir=figs"], cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr[-3000:]

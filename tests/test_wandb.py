@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import struct
 import time
 from pathlib import Path
@@ -14,7 +15,11 @@ from wandb.proto import wandb_internal_pb2
 from cli_helpers import TINY, run_cli
 from das_lab.loggers import WandbLogger, close_loggers, offline_reason, sweep_group
 
-SECRET = "fake-secret-123"
+# one training and one validation step per job, no test
+FAST = [*TINY, "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false"]
+
+# random, so that no file holds it by chance (a run's git.diff may contain this test's source)
+SECRET = f"fake-secret-{secrets.token_hex(4)}"
 _BLOCK = 32768
 
 
@@ -108,7 +113,9 @@ def test_close_loggers_finishes_failed_run_and_keeps_summary(wandb_env):
     config = {u.key: json.loads(u.value_json) for r in _of(records, "config") for u in r.update}
     config.update({u.key: json.loads(u.value_json) for u in run.config.update})
     assert config["optimizer"] == {"lr": 0.1}
-    summary = {u.key or "/".join(u.nested_key): json.loads(u.value_json) for s in _of(records, "summary") for u in s.update}
+    summary = {
+        u.key or "/".join(u.nested_key): json.loads(u.value_json) for s in _of(records, "summary") for u in s.update
+    }
     assert summary["params"] == 1234 and summary["gflops"] == 0.5
     assert "val/acc1" in _history_keys(records)
     assert [e.exit_code for e in _of(records, "exit")] == [1]
@@ -128,7 +135,7 @@ def test_a_run_left_open_is_finished_not_reused(wandb_env):
 @pytest.mark.slow
 def test_multirun_offline_runs_are_grouped_and_hold_metrics_and_images(wandb_env):
     args = ["train", "-m", "seed=1,2", "logger=[csv,wandb]", "callbacks=visualize", "callbacks.visualize.num_images=2",
-            "model=das_resnet_tiny", *TINY, "test=false"]
+            "model=das_resnet_tiny", *FAST]
     env = {"WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"}
     result = run_cli(args, cwd=wandb_env, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -147,9 +154,13 @@ def test_multirun_offline_runs_are_grouped_and_hold_metrics_and_images(wandb_env
         assert run.run_group == f"multirun-{sweep.parent.name}-{sweep.name}"
         names.append(run.display_name)
         keys = _history_keys(records)
+        summary = {u.key for s in _of(records, "summary") for u in s.update}
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert {"params", "gflops"} <= summary and metrics["params"] > 0
         assert {"val/acc1", "val/loss", "visualizations/0_gates/_type", "visualizations/1_gates/_type"} <= keys
         assert len(list(log_file.parent.glob("files/media/images/visualizations/*_gates_*.png"))) == 2
-        assert sorted(p.name for p in (job / "visualizations" / "epoch_000").iterdir()) == ["0_gates.png", "1_gates.png"]
+        figures = sorted(p.name for p in (job / "visualizations" / "epoch_000").iterdir())
+        assert figures == ["0_gates.png", "1_gates.png"]
     assert len(set(names)) == 2 and all(name.startswith("callbacks=visualize") or "seed=" in name for name in names)
     assert [n for n in names if "seed=1" in n] and [n for n in names if "seed=2" in n]
 
