@@ -29,27 +29,28 @@ log = logging.getLogger("das_lab")
 
 
 class UserError(Exception):
-    """A problem with the user's input, reported as one line rather than a traceback."""
+    """A problem with the user's input, reported without a traceback."""
 
 
 def _user_facing(error: BaseException) -> Optional[str]:
-    """The one-line message for errors that come from input (config, files), else None."""
+    """The message for errors that come from input (config values, files), else None.
+
+    Such errors are reported without a traceback; a message spans several lines only when the
+    lines are the point (an expected folder tree, a list of mismatched checkpoint keys).
+    """
     from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     from das_lab.models.weights import WeightsMismatchError
 
-    if isinstance(error, WeightsMismatchError):
-        return str(error)
     if isinstance(error, MissingMandatoryValue):
         key = getattr(error, "full_key", None) or "a required value"
         return f"missing required value '{key}': pass {key}=VALUE on the command line"
-    if isinstance(error, InstantiationException):
-        cause = error.__cause__
-        detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
-        return f"{detail.splitlines()[0] if detail else error} (while building {str(error).splitlines()[0]})"
-    if isinstance(error, (UserError, FileNotFoundError, ValueError, OmegaConfBaseException)):
-        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, InstantiationException) and error.__cause__ is not None:
+        target = str(error).splitlines()[0]
+        return f"{type(error.__cause__).__name__}: {error.__cause__} ({target.rstrip(':')})"
+    if isinstance(error, (UserError, FileNotFoundError, WeightsMismatchError, ValueError, OmegaConfBaseException)):
+        return str(error) or type(error).__name__
     return None
 
 

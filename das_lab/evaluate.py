@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from das_lab.loggers import close_loggers
 from das_lab.pipeline import (
     CONFIG_KEY,
     build_module,
@@ -51,6 +52,7 @@ def evaluate(cfg: DictConfig) -> Optional[float]:
     run_dir = Path(cfg.paths.output_dir)
     writer = is_rank_zero()
     record = RunRecord(run_dir, HydraConfig.get().overrides.task)
+    loggers: list = []
     try:
         if writer:
             record.write_environment()
@@ -66,7 +68,8 @@ def evaluate(cfg: DictConfig) -> Optional[float]:
         check_checkpoint_fits(module, checkpoint, cfg.ckpt_path)
         module.load_state_dict(checkpoint["state_dict"])
         record.params, record.gflops = model_cost(net, getattr(datamodule, "image_size", None))
-        trainer = instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")) or False)
+        loggers = instantiate_loggers(cfg.get("logger"))
+        trainer = instantiate(cfg.trainer, logger=loggers or False)
         final: dict[str, float] = {}
         for split in splits:
             run = trainer.validate if split == "val" else trainer.test
@@ -75,8 +78,10 @@ def evaluate(cfg: DictConfig) -> Optional[float]:
         if writer:
             record.completed(final, final, str(Path(cfg.ckpt_path).expanduser().resolve()))
             log.info("run folder: %s (metrics.json)", run_dir)
+        close_loggers(loggers, failed=False)
     except BaseException as error:
         if writer:
             record.failed(error)
+        close_loggers(loggers, failed=True)
         raise
     return next(iter(final.values()), None)

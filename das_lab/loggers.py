@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 from urllib.parse import urlparse
 
+import lightning as L
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,8 @@ class WandbLogger(LightningWandbLogger):
     """Lightning's W&B logger that names and groups runs after the Hydra job and never blocks offline.
 
     ``group=None`` groups the jobs of one sweep under the sweep folder's name (``multirun-DATE-TIME``);
-    ``name=None`` names the run after the job's overrides (``default`` without any). ``offline=None``
+    ``name=None`` names the run after the job's overrides (``default`` without any). ``id`` continues
+    an existing run (a resumed training sets it from its checkpoint). ``offline=None``
     logs online only when an API key is known and the server answers, else offline (sync the run
     folder later with ``wandb sync``). ``params``/``gflops`` given to ``log_hyperparams`` also go to
     the run summary, so they appear as table columns in the W&B UI.
@@ -101,6 +105,7 @@ class WandbLogger(LightningWandbLogger):
         notes: Optional[str] = None,
         log_model: bool = False,
         offline: Optional[bool] = None,
+        id: Optional[str] = None,
     ) -> None:
         hydra_group, hydra_name = _hydra_names()
         reason = offline_reason(offline)
@@ -122,6 +127,7 @@ class WandbLogger(LightningWandbLogger):
             tags=list(tags or []),
             job_type=job_type,
             notes=notes,
+            id=id,
         )
 
     @property
@@ -155,3 +161,28 @@ def close_loggers(loggers: Sequence[Logger], failed: bool) -> None:
             continue
         run.finish(exit_code=1 if failed else 0)
         logger._experiment = None
+
+
+WANDB_ID_KEY = "das_lab_wandb_run_id"
+
+
+class WandbIdInCheckpoint(Callback):
+    """Stores the W&B run id in checkpoints, so a resumed run continues the same dashboard curves."""
+
+    def __init__(self, loggers: Sequence[Logger]) -> None:
+        self.loggers = [logger for logger in loggers if isinstance(logger, LightningWandbLogger)]
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self.loggers:
+            checkpoint[WANDB_ID_KEY] = self.loggers[0].version
+
+
+def with_resumed_wandb_id(logger_cfg: Optional[DictConfig], checkpoint: Optional[Mapping[str, Any]]) -> Optional[DictConfig]:
+    """The logger config with the checkpoint's W&B run id filled in where ``logger.wandb.id`` is unset."""
+    run_id = (checkpoint or {}).get(WANDB_ID_KEY)
+    if logger_cfg is None or run_id is None or logger_cfg.get("wandb") is None or logger_cfg.wandb.get("id"):
+        return logger_cfg
+    logger_cfg = logger_cfg.copy()
+    logger_cfg.wandb.id = run_id
+    log.info("resuming W&B run %s", run_id)
+    return logger_cfg

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from das_lab.callbacks.checkpoint_state import ConfigInCheckpoint, RngStateInCheckpoint
+from das_lab.loggers import WandbIdInCheckpoint, close_loggers, with_resumed_wandb_id
 from das_lab.models.weights import load_weights
 from das_lab.pipeline import (
     build_module,
@@ -31,11 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def resolve_resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
-    """``last`` means this run folder's ``checkpoints/last.ckpt``; other values are paths."""
+    """``last``: this run folder's ``checkpoints/last.ckpt``; ``auto``: the same when it exists (a
+    requeued job), else a fresh start; other values are paths."""
     if ckpt_path is None:
         return None
-    if ckpt_path == "last":
+    if ckpt_path in ("last", "auto"):
         path = run_dir / "checkpoints" / "last.ckpt"
+        if ckpt_path == "auto" and not path.is_file():
+            return None
         if not path.is_file():
             raise FileNotFoundError(
                 f"ckpt_path=last: no {path}. To resume a run, point at its folder: "
@@ -53,26 +57,30 @@ def train(cfg: DictConfig) -> Optional[float]:
     writer = is_rank_zero()
     record = RunRecord(run_dir, HydraConfig.get().overrides.task)
     history = MetricHistory()
+    loggers: list = []
     try:
         if writer:
             record.write_environment()
         L.seed_everything(cfg.seed, workers=True)
         resume_from = resolve_resume_path(cfg.get("ckpt_path"), run_dir)
+        resume_state = read_checkpoint(resume_from) if resume_from else None
         datamodule = instantiate(cfg.data)
         net, module = build_module(cfg.model, cfg.task, cfg.optimizer, cfg.get("scheduler"))
         if cfg.get("init_from"):
             load_weights(net, cfg.init_from, strict=False)
-        if resume_from:
-            check_checkpoint_fits(module, read_checkpoint(resume_from), resume_from)
+        if resume_state is not None:
+            check_checkpoint_fits(module, resume_state, resume_from)
         record.params, record.gflops = model_cost(net, cfg.get("flops_image_size"))
         log.info("model %s: %.2fM params, %s GFLOPs", type(net).__name__, record.params / 1e6, record.gflops)
+        loggers = instantiate_loggers(with_resumed_wandb_id(cfg.get("logger"), resume_state))
         callbacks = [
             *instantiate_callbacks(cfg.get("callbacks")),
             history,
             ConfigInCheckpoint(stored_config(cfg)),
             RngStateInCheckpoint(),
+            WandbIdInCheckpoint(loggers),
         ]
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_loggers(cfg.get("logger")) or False)
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         for logger in trainer.loggers:
             logger.log_hyperparams({**stored_config(cfg), "params": record.params, "gflops": record.gflops})
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
@@ -85,8 +93,10 @@ def train(cfg: DictConfig) -> Optional[float]:
         if writer:
             record.completed(final, history.best(), best_path)
             log.info("run folder: %s (metrics.json, checkpoints/, csv/)", run_dir)
+        close_loggers(loggers, failed=False)
     except BaseException as error:
         if writer:
             record.failed(error, history.best())
+        close_loggers(loggers, failed=True)
         raise
     return history.best().get(cfg.monitor)

@@ -152,6 +152,7 @@ def test_multirun_offline_runs_are_grouped_and_hold_metrics_and_images(wandb_env
         records = finished_records(log_file)
         (run,) = _of(records, "run")
         assert run.run_group == f"multirun-{sweep.parent.name}-{sweep.name}"
+        assert [e.exit_code for e in _of(records, "exit")] == [0]  # every job finished its own run
         names.append(run.display_name)
         keys = _history_keys(records)
         summary = {u.key for s in _of(records, "summary") for u in s.update}
@@ -168,3 +169,17 @@ def test_multirun_offline_runs_are_grouped_and_hold_metrics_and_images(wandb_env
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in output
+
+
+def test_resumed_training_continues_the_same_wandb_run(wandb_env):
+    run_dir = wandb_env / "run"
+    common = ["train", "logger=wandb", *FAST, f"hydra.run.dir={run_dir}"]
+    env = {"WANDB_MODE": "offline"}
+    first = run_cli([*common, "trainer.max_epochs=1"], cwd=wandb_env, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_cli([*common, "trainer.max_epochs=2", "ckpt_path=last"], cwd=wandb_env, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runs = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 2
+    run_ids = [_of(finished_records(path), "run")[0].run_id for path in runs]
+    assert run_ids[0] == run_ids[1]

@@ -53,14 +53,14 @@ def render_canvases(
     """Paste ``copies`` placements of every scan, with distractors, onto blank canvases.
 
     ``scans`` holds upscaled digits in [0, 1], shape (N, digit_size, digit_size). Distractors are
-    square fragments (a quarter to a half of a digit's side) of other scans of the same set.
+    square fragments (a quarter to a third of a digit's side) of other scans of the same set.
     """
     n = len(scans)
     total = n * copies
     canvases = torch.zeros(total, image_size, image_size)
     span = image_size - digit_size + 1
     positions = torch.randint(0, span, (total, 2), generator=generator)
-    frag_sides = torch.randint(digit_size // 4, digit_size // 2 + 1, (total, num_distractors), generator=generator)
+    frag_sides = torch.randint(digit_size // 4, digit_size // 3 + 1, (total, num_distractors), generator=generator)
     frag_sources = torch.randint(0, n, (total, num_distractors), generator=generator)
     frag_uniform = torch.rand(total, num_distractors, 4, generator=generator)
     for i in range(total):
