@@ -65,15 +65,33 @@ def short_dirname(name: str) -> str:
     return f"{name[:MAX_DIRNAME]}-{digest}"
 
 
+def run_stamp(now: str) -> str:
+    """The run folder's name: ``now`` plus the SLURM job id, or the torchrun id that all ranks share."""
+    torchrun_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if torchrun_id is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if torchrun_id == "none":
+            raise UserError(
+                "torchrun without a run id: its ranks cannot agree on a run folder; start it with "
+                "--standalone or --rdzv-id=ID, or pass hydra.run.dir=DIR"
+            )
+        return f"torchrun-{torchrun_id}"
+    slurm_job = os.environ.get("SLURM_JOB_ID")
+    return f"{now}_{slurm_job}" if slurm_job else now
+
+
+def _rank_overrides() -> list[str]:
+    """Under torchrun only rank 0 writes Hydra's files; the others log to their own file."""
+    rank = int(os.environ.get("RANK", "0"))
+    if os.environ.get("TORCHELASTIC_RUN_ID") is None or rank == 0:
+        return []
+    return ["hydra.output_subdir=null", f"hydra.job.name=rank_{rank}"]
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("das_lab_short", short_dirname, replace=True)
-    OmegaConf.register_new_resolver(
-        "das_lab_slurm_suffix",
-        lambda: f"_{os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else "",
-        replace=True,
-    )
+    OmegaConf.register_new_resolver("das_lab_run_stamp", run_stamp, replace=True)
 
 
 def _guarded(task: Callable[[Any], Optional[float]]) -> Callable[[Any], Optional[float]]:
@@ -120,7 +138,7 @@ def run_hydra(task: Callable[[Any], Optional[float]], config_name: str, command:
     version.setbase("1.3")
     parser = get_args_parser()
     parser.prog = f"das-lab {command}"
-    parsed = parser.parse_args(list(args))
+    parsed = parser.parse_args([*args, *_rank_overrides()])
     _run_hydra(
         args=parsed,
         args_parser=parser,

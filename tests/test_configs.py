@@ -96,7 +96,7 @@ def test_experiment_composes_and_instantiates(composer, name):
 
 def test_hydra_run_and_sweep_folders(composer):
     cfg = composer(return_hydra_config=True)
-    assert re.search(r"/outputs/\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}\.\d{6}$", cfg.hydra.run.dir)
+    assert re.search(r"/outputs/\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}\.\d{6}$", cfg.hydra.run.dir), cfg.hydra.run.dir
     sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
     assert sweep["subdir"] == "${hydra.job.num}_${das_lab_short:${hydra.job.override_dirname}}"
     assert cfg.hydra.job.chdir is False

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,8 +35,6 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     reference = run_cli(["train", *RESUMABLE, f"hydra.run.dir={reference_dir}"], cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
-
-    import os
 
     env = {**os.environ, "DAS_LAB_LOGS": str(tmp_path)}
     process = subprocess.Popen([DAS_LAB, "train", *RESUMABLE, f"hydra.run.dir={killed_dir}"], cwd=tmp_path, env=env,
@@ -100,3 +101,30 @@ def test_ddp_two_processes_share_one_run_folder(tmp_path):
     single = read_metrics(run_dirs(tmp_path)[-1])["final"]
     assert single["val/acc1"] == pytest.approx(metrics["final"]["val/acc1"], abs=1e-6)
     assert single["val/loss"] == pytest.approx(metrics["final"]["val/loss"], rel=1e-4)
+
+
+def test_torchrun_ranks_share_one_run_folder(tmp_path):
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    args = [*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model=resnet_tiny"]
+    env = {**os.environ, "DAS_LAB_LOGS": str(tmp_path)}
+    result = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "das_lab.cli", "train", *args],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    assert run_dir.name.startswith("torchrun-")
+    assert read_metrics(run_dir)["status"] == "completed"
+    assert (run_dir / "rank_1.log").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_torchrun_without_run_id_is_refused(monkeypatch):
+    from das_lab.cli import UserError, run_stamp
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="--standalone or --rdzv-id=ID"):
+        run_stamp("12-00-00.000001")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    assert run_stamp("12-00-00.000001") == "torchrun-job7"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setenv("SLURM_JOB_ID", "99")
+    assert run_stamp("12-00-00.000001") == "12-00-00.000001_99"
