@@ -112,3 +112,13 @@ def test_flops_include_the_deformable_convolution():
     convs = pixels * (32 * 9 + 32 * 16 + 16 * 18 * 9)  # depthwise, pointwise, offset predictor
     deform = pixels * (32 * 16 * 9 + 16 * 9 * 4)  # convolution + bilinear sampling
     assert count_gmacs(gate, (1, 32, 8, 8)) * 1e9 == pytest.approx(convs + deform)
+
+
+def test_gate_runs_under_cpu_bf16_autocast():
+    """torchvision's CPU deform_conv2d has no bf16 kernel: the gate runs it in float32."""
+    gate = DASGate(16)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gate(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert torch.allclose(out.float(), gate(x), atol=0.05)

@@ -123,6 +123,14 @@ class DASGate(nn.Module):
         self.deform = DeformConv2d(hidden, channels, k, padding=k // 2, bias=False)
         self.norm2 = norm_layer(channels)
 
+    def _deform(self, hidden: Tensor, offsets: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """The deformable conv, in float32 under autocast: torchvision's CPU kernel has no bf16/fp16 path."""
+        device = hidden.device.type
+        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            return self.deform(hidden, offsets, mask)
+        with torch.autocast(device, enabled=False):
+            return self.deform(hidden.float(), offsets.float(), None if mask is None else mask.float())
+
     def forward(self, x: Tensor) -> Tensor:
         """Gate ``x`` by its deformably sampled attention map."""
         hidden = self.act(self.norm1(self.pw(self.dw(x))))
@@ -130,10 +138,7 @@ class DASGate(nn.Module):
         n_offsets = 2 * self.offset_groups * self.deform.kernel_size[0] * self.deform.kernel_size[1]
         offsets = predicted[:, :n_offsets]
         mask = predicted[:, n_offsets:].sigmoid() if self.modulated else None
-        # torchvision's deform_conv2d has float32 kernels only on CPU and no autocast rule there
-        with torch.autocast(hidden.device.type, enabled=False):
-            sampled = self.deform(hidden.float(), offsets.float(), None if mask is None else mask.float())
-        gate = torch.sigmoid(self.norm2(sampled))
+        gate = torch.sigmoid(self.norm2(self._deform(hidden, offsets, mask)))
         if self.record_maps:
             self.last_maps = GateMaps(
                 gate=gate.detach(), offsets=offsets.detach(), mask=None if mask is None else mask.detach()
