@@ -132,9 +132,11 @@ def run_hydra(task: Callable[[Any], Optional[float]], config_name: str, command:
     from hydra.core.utils import _flush_loggers
 
     from das_lab.config import config_dir
+    from das_lab.sweeps import SweepFolder, failed_jobs
 
     _register_resolvers()
     _failed_jobs.clear()
+    SweepFolder.last = None
     version.setbase("1.3")
     parser = get_args_parser()
     parser.prog = f"das-lab {command}"
@@ -147,8 +149,9 @@ def run_hydra(task: Callable[[Any], Optional[float]], config_name: str, command:
         config_name=config_name,
     )
     _flush_loggers()
-    if _failed_jobs:
-        print(f"das-lab: {len(_failed_jobs)} job(s) of the sweep failed:", *_failed_jobs, sep="\n  ", file=sys.stderr)
+    failed = set(_failed_jobs) | set(failed_jobs(SweepFolder.last) if SweepFolder.last else [])
+    if failed:
+        print(f"das-lab: {len(failed)} job(s) of the sweep failed:", *sorted(failed), sep="\n  ", file=sys.stderr)
         return 1
     return 0
 

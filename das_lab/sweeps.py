@@ -1,11 +1,12 @@
-"""Helpers that the Optuna search config (``conf/hparams_search/optuna.yaml``) instantiates."""
+"""Sweep helpers that configs instantiate: Optuna storage and trial outcomes, the sweep folder."""
 
 from __future__ import annotations
 
 import logging
 import math
 from pathlib import Path
-from typing import Any
+import json
+from typing import Any, Optional
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -37,3 +38,29 @@ class NanObjectiveFailsTrial(Callback):
             log.warning("job %s has no objective value (NaN): its Optuna trial is recorded as failed",
                         config.hydra.job.get("num"))
             job_return.return_value = None
+
+
+class SweepFolder(Callback):
+    """Remembers, in the launching process, the folder of the sweep that runs.
+
+    Jobs may run elsewhere (submitit, SLURM), so the launching process learns which failed from
+    their metrics.json files rather than from its own memory.
+    """
+
+    last: Optional[Path] = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepFolder.last = Path(config.hydra.sweep.dir)
+
+
+def failed_jobs(sweep_dir: Path) -> list[str]:
+    """Job folders of a sweep whose metrics.json says ``failed``."""
+    failed = []
+    for metrics in sorted(sweep_dir.glob("*/metrics.json")):
+        try:
+            status = json.loads(metrics.read_text()).get("status")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if status == "failed":
+            failed.append(str(metrics.parent))
+    return failed

@@ -144,13 +144,15 @@ def test_optuna_search_resumes_and_records_failed_trials(tmp_path):
 
 
 @pytest.mark.slow
-def test_submitit_local_launcher_runs_a_job(tmp_path):
-    result = run_cli(["train", "-m", "hydra/launcher=slurm_local", "hydra.launcher.timeout_min=5", *FAST],
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_submitit_local_launcher_runs_jobs_and_reports_failures(tmp_path):
+    result = run_cli(["train", "-m", "hydra/launcher=slurm_local", "hydra.launcher.timeout_min=5", *FAST,
+                      "data.digit_size=99,16"], cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]  # the failure happened in a submitit process
+    assert "1 job(s) of the sweep failed" in result.stderr
     (sweep,) = (tmp_path / "multirun").glob("*/*")
-    (job,) = [p for p in sweep.iterdir() if (p / "metrics.json").is_file()]
-    metrics = read_metrics(job)
+    failed, completed = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
+    assert read_metrics(failed)["status"] == "failed" and str(failed) in result.stderr
+    metrics = read_metrics(completed)
     assert metrics["status"] == "completed" and math.isfinite(metrics["best"]["val/acc1"])
-    (submitit_dir,) = [p for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]  # <SLURM-style job id>
-    assert list(submitit_dir.glob("*_log.out")) and list(submitit_dir.glob("*_result.pkl"))
+    submitit_dirs = [p for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()]  # <SLURM-style job ids>
+    assert submitit_dirs and all(list(d.glob("*_log.out")) for d in submitit_dirs)
