@@ -17,7 +17,10 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/das-lab train
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check das_lab tests benchmarks
+
+test: lint
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

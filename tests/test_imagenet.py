@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 
 from das_lab.data.imagenet import ImageNetDataModule, readable_names
 from fake_datasets import IMAGENET_WNIDS, class_colour, devkit_ids, make_imagenet_archives, make_imagenet_folders, snapshot

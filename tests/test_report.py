@@ -59,7 +59,7 @@ def test_report_of_partial_sweep_with_seeds(tmp_path):
     (failed_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=b", "seed=2"]))
     record = RunRecord(failed_dir, ["model=b", "seed=2"])
     record.failed(ValueError("diverged"), {"val/acc1": 0.1})
-    running = _job(sweep, 4, ["model=c", "seed=1"], None)
+    _job(sweep, 4, ["model=c", "seed=1"], None)  # files fresh: still running
     stale = _job(sweep, 5, ["model=c", "seed=2"], None)
     old = time.time() - 2 * 3600
     for path in [stale, *stale.rglob("*")]:
