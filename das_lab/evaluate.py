@@ -15,7 +15,7 @@ from das_lab.pipeline import (
     CONFIG_KEY,
     build_module,
     check_checkpoint_fits,
-    instantiate_loggers,
+    instantiate_group,
     is_rank_zero,
     model_cost,
     read_checkpoint,
@@ -68,7 +68,7 @@ def evaluate(cfg: DictConfig) -> Optional[float]:
         check_checkpoint_fits(module, checkpoint, cfg.ckpt_path)
         module.load_state_dict(checkpoint["state_dict"])
         record.params, record.gflops = model_cost(net, getattr(datamodule, "image_size", None))
-        loggers = instantiate_loggers(cfg.get("logger"))
+        loggers = instantiate_group(cfg.get("logger"))
         trainer = instantiate(cfg.trainer, logger=loggers or False)
         final: dict[str, float] = {}
         for split in splits:

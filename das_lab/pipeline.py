@@ -9,9 +9,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -35,13 +33,8 @@ def is_rank_zero() -> bool:
     return rank_zero_only.rank == 0
 
 
-def instantiate_callbacks(cfg: Optional[DictConfig]) -> list[Callback]:
-    """Every ``_target_`` node of the callbacks group, in config order."""
-    return [instantiate(node) for node in (cfg or {}).values() if node is not None and "_target_" in node]
-
-
-def instantiate_loggers(cfg: Optional[DictConfig]) -> list[Logger]:
-    """Every ``_target_`` node of the logger group, in config order."""
+def instantiate_group(cfg: Optional[DictConfig]) -> list[Any]:
+    """Every ``_target_`` node of a group of named objects (callbacks, loggers), in config order."""
     return [instantiate(node) for node in (cfg or {}).values() if node is not None and "_target_" in node]
 
 

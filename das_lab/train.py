@@ -18,8 +18,7 @@ from das_lab.models.weights import load_weights
 from das_lab.pipeline import (
     build_module,
     check_checkpoint_fits,
-    instantiate_callbacks,
-    instantiate_loggers,
+    instantiate_group,
     is_rank_zero,
     model_cost,
     read_checkpoint,
@@ -72,17 +71,18 @@ def train(cfg: DictConfig) -> Optional[float]:
             check_checkpoint_fits(module, resume_state, resume_from)
         record.params, record.gflops = model_cost(net, cfg.get("flops_image_size"))
         log.info("model %s: %.2fM params, %s GFLOPs", type(net).__name__, record.params / 1e6, record.gflops)
-        loggers = instantiate_loggers(with_resumed_wandb_id(cfg.get("logger"), resume_state))
+        loggers = instantiate_group(with_resumed_wandb_id(cfg.get("logger"), resume_state))
+        stored = stored_config(cfg)
         callbacks = [
-            *instantiate_callbacks(cfg.get("callbacks")),
+            *instantiate_group(cfg.get("callbacks")),
             history,
-            ConfigInCheckpoint(stored_config(cfg)),
+            ConfigInCheckpoint(stored),
             RngStateInCheckpoint(),
             WandbIdInCheckpoint(loggers),
         ]
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         for logger in trainer.loggers:
-            logger.log_hyperparams({**stored_config(cfg), "params": record.params, "gflops": record.gflops})
+            logger.log_hyperparams({**stored, "params": record.params, "gflops": record.gflops})
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         final = scalar_metrics(trainer, ("train/", "val/"))
         checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None

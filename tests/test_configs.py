@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 import lightning as L
+from lightning.pytorch.loggers import Logger
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -13,7 +14,7 @@ from omegaconf import OmegaConf
 
 from das_lab.cli import _register_resolvers
 from das_lab.config import config_dir
-from das_lab.pipeline import build_module, instantiate_callbacks, instantiate_loggers
+from das_lab.pipeline import build_module, instantiate_group
 
 CONF = config_dir()
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -72,14 +73,29 @@ def test_group_option_composes_and_instantiates(composer, group, option):
     elif group in ("optimizer", "scheduler"):
         assert callable(instantiate(cfg[group]))
     elif group == "callbacks":
-        instantiate_callbacks(cfg.callbacks)
+        assert all(isinstance(c, L.Callback) for c in instantiate_group(cfg.callbacks))
     elif group == "logger":
-        instantiate_loggers(cfg.logger)
+        assert all(isinstance(lg, Logger) for lg in instantiate_group(cfg.logger))
     elif group == "trainer":
         trainer = instantiate(cfg.trainer, accelerator="cpu", logger=False, enable_checkpointing=False)
         assert isinstance(trainer, L.Trainer)
-    elif group in ("task", "recipe", "paths", "hparams_search"):
-        assert cfg[group] is not None if group in ("task", "paths") else True
+    elif group == "task":
+        extra = ["data=coco", "model=resnet_tiny", "model.num_classes=0"] if option == "detection" else []
+        cfg = composer(f"task={option}", *extra)
+        _, module = build_module(cfg.model, cfg.task, cfg.optimizer, cfg.get("scheduler"))
+        assert isinstance(module, L.LightningModule)
+    elif group == "recipe":
+        cfg = composer(f"recipe={option}", "data=stanford_dogs")
+        assert instantiate(cfg.data).train_transform is not None
+        mixup = instantiate(cfg.task.mixup) if cfg.task.mixup is not None else None
+        assert mixup is None or mixup.num_classes == cfg.data.num_classes
+    elif group == "paths":
+        assert cfg.paths.data_dir.endswith("/data") and cfg.paths.output_dir
+    elif group == "hparams_search":
+        sweeper = composer(f"hparams_search={option}", return_hydra_config=True).hydra.sweeper
+        assert "optuna" in sweeper._target_.lower() and len(sweeper.params) >= 3
+    else:
+        pytest.fail(f"no check for config group {group}")
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -90,8 +106,8 @@ def test_experiment_composes_and_instantiates(composer, name):
     _, module = build_module(model_cfg, cfg.task, cfg.optimizer, cfg.get("scheduler"))
     assert isinstance(module, L.LightningModule)
     assert datamodule.num_classes == cfg.data.num_classes
-    instantiate_callbacks(cfg.callbacks)
-    instantiate_loggers(cfg.logger)
+    assert all(isinstance(c, L.Callback) for c in instantiate_group(cfg.callbacks))
+    assert all(isinstance(lg, Logger) for lg in instantiate_group(cfg.logger))
 
 
 def test_hydra_run_and_sweep_folders(composer):
