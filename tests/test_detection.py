@@ -195,3 +195,16 @@ def test_cli_trains_and_tests_a_detector(coco_root: Path, tmp_path: Path) -> Non
     assert metrics["status"] == "completed" and "val/map" in metrics["best"]
     assert {"test/map", "test/map_50", "test/map_small", "train/loss"} <= set(metrics["final"])
     assert isinstance(json.loads((run_dir / "detections_test.json").read_text()), list)
+
+    evaluate = [
+        str(Path(sys.executable).with_name("das-lab")), "eval", f"ckpt_path={metrics['ckpt_best']}",
+        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}",
+    ]
+    run = subprocess.run(evaluate, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (eval_dir,) = [p for p in (tmp_path / "outputs").glob("*/*") if p != run_dir]
+    evaluated = json.loads((eval_dir / "metrics.json").read_text())
+    assert evaluated["final"]["test/map"] == pytest.approx(metrics["final"]["test/map"], abs=1e-6)
+    for split in ("val", "test"):
+        assert isinstance(json.loads((eval_dir / f"detections_{split}.json").read_text()), list)
