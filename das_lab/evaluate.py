@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from das_lab.loggers import close_loggers
 from das_lab.pipeline import (
-    CONFIG_KEY,
-    build_module,
-    check_checkpoint_fits,
     instantiate_group,
     is_rank_zero,
     model_cost,
-    read_checkpoint,
+    restore_checkpoint,
     scalar_metrics,
 )
 from das_lab.run import RunRecord
@@ -26,21 +23,6 @@ from das_lab.run import RunRecord
 log = logging.getLogger(__name__)
 
 SPLITS = ("val", "test")
-
-
-def _data_config(stored: dict[str, Any], replacements: Optional[DictConfig]) -> DictConfig:
-    data = OmegaConf.create(stored["data"])
-    for key, value in (replacements or {}).items():
-        if value is not None:
-            data[key] = value
-    return data
-
-
-def _model_config(stored: dict[str, Any]) -> DictConfig:
-    model = OmegaConf.create(stored["model"])
-    if "checkpoint" in model:
-        model.checkpoint = None  # the das-lab checkpoint carries the weights
-    return model
 
 
 def evaluate(cfg: DictConfig) -> Optional[float]:
@@ -56,17 +38,8 @@ def evaluate(cfg: DictConfig) -> Optional[float]:
     try:
         if writer:
             record.write_environment()
-        checkpoint = read_checkpoint(cfg.ckpt_path)
-        stored = checkpoint.get(CONFIG_KEY)
-        if stored is None:
-            raise ValueError(
-                f"{cfg.ckpt_path} has no '{CONFIG_KEY}' entry: it was not written by `das-lab train`. "
-                "Use init_from=<file> with `das-lab train` to start from foreign weights."
-            )
-        datamodule = instantiate(_data_config(stored, cfg.get("data")))
-        net, module = build_module(_model_config(stored), stored["task"], stored["optimizer"], stored["scheduler"])
-        check_checkpoint_fits(module, checkpoint, cfg.ckpt_path)
-        module.load_state_dict(checkpoint["state_dict"])
+        data_cfg, net, module = restore_checkpoint(cfg.ckpt_path, cfg.get("data"))
+        datamodule = instantiate(data_cfg)
         record.params, record.gflops = model_cost(net, getattr(datamodule, "image_size", None))
         loggers = instantiate_group(cfg.get("logger"))
         trainer = instantiate(cfg.trainer, logger=loggers or False)

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from das_lab.callbacks.checkpoint_state import CONFIG_KEY  # noqa: F401  (where checkpoints keep their config)
+from das_lab.callbacks.checkpoint_state import CONFIG_KEY
 from das_lab.models.weights import WeightsMismatchError, compare_state_dicts
 from das_lab.utils.flops import count_gmacs, count_params
 
@@ -92,3 +92,31 @@ def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any],
     report = compare_state_dicts(module.state_dict(), state, str(path))
     if not report.clean:
         raise WeightsMismatchError(report)
+
+
+def restore_checkpoint(
+    ckpt_path: str | Path, data_replacements: Optional[DictConfig] = None
+) -> tuple[DictConfig, nn.Module, L.LightningModule]:
+    """A das-lab checkpoint's data config, backbone and task module, rebuilt from its stored config.
+
+    ``data_replacements`` override data keys (``None`` values keep the stored ones), e.g. a moved
+    dataset root. The network's own ``checkpoint`` key is cleared: the weights come from this file.
+    """
+    checkpoint = read_checkpoint(ckpt_path)
+    stored = checkpoint.get(CONFIG_KEY)
+    if stored is None:
+        raise ValueError(
+            f"{ckpt_path} has no '{CONFIG_KEY}' entry: it was not written by `das-lab train`. "
+            "Use init_from=<file> with `das-lab train` to start from foreign weights."
+        )
+    model_cfg = OmegaConf.create(stored["model"])
+    if "checkpoint" in model_cfg:
+        model_cfg.checkpoint = None
+    net, module = build_module(model_cfg, stored["task"], stored["optimizer"], stored["scheduler"])
+    check_checkpoint_fits(module, checkpoint, ckpt_path)
+    module.load_state_dict(checkpoint["state_dict"])
+    data_cfg = OmegaConf.create(stored["data"])
+    for key, value in (data_replacements or {}).items():
+        if value is not None:
+            data_cfg[key] = value
+    return data_cfg, net, module

@@ -9,12 +9,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from das_lab.data.digits import ClutteredDigits, DigitsDataModule
 from das_lab.data.image_io import read_rgb
-from das_lab.pipeline import CONFIG_KEY, build_module, read_checkpoint
+from das_lab.pipeline import restore_checkpoint
 from das_lab.plots import attention_figures, can_draw, save_figures
 
 log = logging.getLogger(__name__)
@@ -22,18 +22,8 @@ log = logging.getLogger(__name__)
 
 def load_network(ckpt_path: str) -> tuple[nn.Module, Any]:
     """The backbone stored in a das-lab checkpoint (weights loaded) and its datamodule (not set up)."""
-    checkpoint = read_checkpoint(ckpt_path)
-    stored = checkpoint.get(CONFIG_KEY)
-    if stored is None:
-        raise ValueError(
-            f"{ckpt_path} has no '{CONFIG_KEY}' entry: visualize needs a checkpoint written by `das-lab train`"
-        )
-    model_cfg = OmegaConf.create(stored["model"])
-    if "checkpoint" in model_cfg:
-        model_cfg.checkpoint = None  # the das-lab checkpoint carries the weights
-    net, module = build_module(model_cfg, stored["task"], stored["optimizer"], stored["scheduler"])
-    module.load_state_dict(checkpoint["state_dict"])
-    return net, instantiate(stored["data"])
+    data_cfg, net, _ = restore_checkpoint(ckpt_path)
+    return net, instantiate(data_cfg)
 
 
 def _digits_transform(datamodule: DigitsDataModule) -> Callable[[Tensor], Tensor]:
