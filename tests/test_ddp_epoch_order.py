@@ -1,0 +1,67 @@
+"""Under DDP every epoch draws a new order: Lightning's sampler wrapper must forward set_epoch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+
+from das_lab.data.base import DataModuleBase
+
+
+class _Indices(Dataset):
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([float(index)])
+
+
+class _IndexData(DataModuleBase):
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = _Indices()
+
+
+class _RecordOrder(L.LightningModule):
+    """Writes, per rank and epoch, the sample indices it trained on and the epoch its sampler was given."""
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__()
+        self.out_dir = out_dir
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[int] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.seen.extend(int(v) for v in batch.flatten())
+        return (self.weight * batch).sum()
+
+    def on_train_epoch_start(self) -> None:
+        # the das-lab sampler inside Lightning's distributed wrapper: its epoch fixes the order
+        self.sampler_epoch = self.trainer.train_dataloader.sampler.dataset._sampler.epoch
+
+    def on_train_epoch_end(self) -> None:
+        path = Path(self.out_dir) / f"rank{self.global_rank}_epoch{self.current_epoch}.json"
+        path.write_text(json.dumps({"seen": self.seen, "sampler_epoch": self.sampler_epoch}))
+        self.seen = []
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_ddp_epochs_draw_new_orders_and_split_the_data(tmp_path):
+    L.seed_everything(0)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_RecordOrder(str(tmp_path)), datamodule=_IndexData(batch_size=4, num_workers=0))
+    records = {(rank, epoch): json.loads((tmp_path / f"rank{rank}_epoch{epoch}.json").read_text())
+              for rank in (0, 1) for epoch in (0, 1)}
+    for epoch in (0, 1):
+        # the two ranks split the data: together they see every sample once
+        assert sorted(records[0, epoch]["seen"] + records[1, epoch]["seen"]) == list(range(32))
+        # the wrapper forwards set_epoch (lightning < 2.6.1 did not: the das-lab order stayed epoch 0's)
+        assert [records[rank, epoch]["sampler_epoch"] for rank in (0, 1)] == [epoch, epoch]
+    for rank in (0, 1):
+        assert records[rank, 0]["seen"] != records[rank, 1]["seen"], f"rank {rank} repeated its epoch 0 order"
