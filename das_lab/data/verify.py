@@ -13,8 +13,10 @@ import sys
 from typing import Optional, Sequence
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset
 
 from das_lab.config import config_dir
@@ -45,6 +47,14 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
     """The training config with these overrides, as ``das-lab train`` would compose it."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+def config_error_line(error: Exception) -> str:
+    """One line for an override Hydra cannot compose (a group option or key that does not exist)."""
+    if isinstance(error, MissingConfigException) and error.options:
+        group = (error.missing_cfg_file or "").rsplit("/", 1)[0]
+        return f"{str(error).splitlines()[0]}; choose {group}= one of: {', '.join(error.options)}"
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def unreadable_images(
@@ -100,7 +110,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-images", type=int, default=None, help="decode at most N images per split (default: all)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=stanford_dogs data.root=/data/dogs")
     args = parser.parse_args(argv)
-    cfg = compose_config(args.overrides)
+    try:
+        cfg = compose_config(args.overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        print(f"data verify: {config_error_line(error)}", file=sys.stderr)
+        return 1
     try:
         datamodule = instantiate(cfg.data)
         if not isinstance(datamodule, ImageClassificationDataModule):
