@@ -194,6 +194,8 @@ def test_cli_trains_and_tests_a_detector(coco_root: Path, tmp_path: Path) -> Non
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and "val/map" in metrics["best"]
     assert {"test/map", "test/map_50", "test/map_small", "train/loss"} <= set(metrics["final"])
+    # no fake object is large (> 96^2 pixels): that AP is undefined, null rather than 0
+    assert metrics["final"]["test/map_large"] is None and metrics["best"]["val/map_large"] is None
     assert isinstance(json.loads((run_dir / "detections_test.json").read_text()), list)
 
     evaluate = [
@@ -206,5 +208,6 @@ def test_cli_trains_and_tests_a_detector(coco_root: Path, tmp_path: Path) -> Non
     (eval_dir,) = [p for p in (tmp_path / "outputs").glob("*/*") if p != run_dir]
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     assert evaluated["final"]["test/map"] == pytest.approx(metrics["final"]["test/map"], abs=1e-6)
+    assert evaluated["final"]["test/map_large"] is None
     for split in ("val", "test"):
         assert isinstance(json.loads((eval_dir / f"detections_{split}.json").read_text()), list)
