@@ -120,6 +120,12 @@ def restore_checkpoint(
     module.load_state_dict(checkpoint["state_dict"])
     data_cfg = OmegaConf.create(stored["data"])
     for key, value in (data_replacements or {}).items():
-        if value is not None:
-            data_cfg[key] = value
+        if value is None:
+            continue
+        if key not in data_cfg:
+            raise ValueError(
+                f"data.{key}={value}: the checkpoint's dataset ({data_cfg.get('_target_')}) has no '{key}' setting; "
+                f"drop data.{key} (replaceable here: {', '.join(k for k in data_replacements if k in data_cfg)})"
+            )
+        data_cfg[key] = value
     return data_cfg, net, module
