@@ -111,6 +111,13 @@ def test_posterize_keeps_high_bits_and_zero_bits_is_black() -> None:
         assert black.mode == "RGB" and black.size == (7, 5) and not np.asarray(black).any()
 
 
+@pytest.mark.parametrize("auto_augment", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "v0r-mstd0.5", "augmix-m5-w3-d2"])
+def test_every_timm_augment_policy_posterizes_through_das_lab(auto_augment: str) -> None:
+    transform = build_train_transform(8, {"auto_augment": auto_augment, "interpolation": "bicubic"})
+    posterize_ops = [op for op in augment_ops(transform) if op.name.startswith("Posterize")]
+    assert posterize_ops and all(op.aug_fn is posterize for op in posterize_ops)
+
+
 def test_dat_recipe_posterize_at_magnitude_ten_is_a_black_image_not_an_error() -> None:
     """m9 with mstd0.5 reaches magnitude 10 (0 bits) in about 2% of draws; Pillow >= 12 refuses 0 bits."""
     augment = OmegaConf.to_container(OmegaConf.load(CONF / "recipe" / "dat_paper.yaml").data.train_augment)
