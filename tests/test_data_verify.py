@@ -41,6 +41,8 @@ def test_missing_dataset_and_wrong_class_count_fail(tmp_path: Path, capsys) -> N
     fake = make_stanford_dogs(tmp_path / "dogs")
     assert main(["data=stanford_dogs", f"data.root={fake.root}", "data.num_workers=0"]) == 1
     assert "data.num_classes=120 but" in capsys.readouterr().err
+    assert main(["data=stanford_dogs", f"data.root={fake.root}", "data.num_classes=0"]) == 1
+    assert capsys.readouterr().err == "data verify: FAILED\ndata.num_classes=0: expected a positive integer\n"
 
 
 def test_imagenet_archives_verify(tmp_path: Path, capsys) -> None:

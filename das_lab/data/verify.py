@@ -13,7 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -23,6 +23,8 @@ from das_lab.config import config_dir
 from das_lab.data.image_io import CorruptImageError, ImageClassificationDataModule, ImageSampleDataset
 
 SHOWN_UNREADABLE = 20
+# what a dataset or its config can be wrong with; anything else is a bug and keeps its traceback
+INPUT_ERRORS = (FileNotFoundError, ValueError, CorruptImageError)
 
 
 class _DecodeProbe(Dataset):
@@ -121,8 +123,12 @@ def main(argv: list[str]) -> int:
             print(f"data verify: {cfg.data._target_} is not an image-folder dataset; choose data=stanford_dogs or data=imagenet", file=sys.stderr)
             return 1
         rows, problems = verify(datamodule, args.max_images)
-    except (FileNotFoundError, ValueError, CorruptImageError) as error:
-        print(f"data verify: FAILED\n{error}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, CorruptImageError, InstantiationException) as error:
+        # a datamodule constructor refusing a config value reaches us wrapped by Hydra
+        problem = error.__cause__ if isinstance(error, InstantiationException) else error
+        if not isinstance(problem, INPUT_ERRORS):
+            raise
+        print(f"data verify: FAILED\n{problem}", file=sys.stderr)
         return 1
     print(_table(rows))
     if problems:
