@@ -3,7 +3,7 @@
 Public releases are not clean: ImageNet ships a PNG named ``.JPEG``, CMYK and grayscale JPEGs and
 4-channel images. Every file is decoded from its bytes (the extension is ignored) with
 ``torchvision.io`` (libjpeg-turbo / libpng) into a ``uint8`` CHW RGB tensor; formats torchvision
-cannot decode (BMP, TIFF, ...) fall back to Pillow. A file neither can decode is corrupt.
+cannot decode (BMP, TIFF, ...) fall back to Pillow. An empty (0-byte) file, or one neither can decode, is corrupt.
 
 Corrupt-file policy (``data.skip_corrupt``): by default the first corrupt file stops the run with
 its path. With ``skip_corrupt=true`` the dataset returns the next readable sample instead and
@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 _TORCHVISION_UNSUPPORTED = "Unsupported image file"
 _COMPLETE_MARKER = ".das_lab_extracted"
-
-
 _FIX = "replace or delete the file, or set data.skip_corrupt=true to skip such files"
 
 
