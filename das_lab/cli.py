@@ -41,6 +41,7 @@ def _user_facing(error: BaseException) -> Optional[str]:
     from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+    from das_lab.data.image_io import CorruptImageError
     from das_lab.models.weights import WeightsMismatchError
 
     if isinstance(error, MissingMandatoryValue):
@@ -49,7 +50,9 @@ def _user_facing(error: BaseException) -> Optional[str]:
     if isinstance(error, InstantiationException) and error.__cause__ is not None:
         target = str(error).splitlines()[0]
         return f"{type(error.__cause__).__name__}: {error.__cause__} ({target.rstrip(':')})"
-    if isinstance(error, (UserError, FileNotFoundError, WeightsMismatchError, ValueError, OmegaConfBaseException)):
+    if isinstance(
+        error, (UserError, FileNotFoundError, CorruptImageError, WeightsMismatchError, ValueError, OmegaConfBaseException)
+    ):
         return str(error) or type(error).__name__
     return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -61,19 +62,21 @@ def model_cost(net: nn.Module, image_size: Optional[int]) -> tuple[int, Optional
         return params, None
 
 
-def scalar_metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> dict[str, float]:
+def scalar_metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> dict[str, Optional[float]]:
     """The trainer's current logged metrics with the given prefixes, as plain floats.
 
     Lightning's ``_step``/``_epoch`` twins of a metric logged both ways are left out: the plain
-    name holds the epoch value.
+    name holds the epoch value. NaN, an undefined value (e.g. the AP of an empty size range),
+    becomes None, which metrics.json writes as null.
     """
-    return {
+    metrics = {
         name: float(value)
         for name, value in sorted(trainer.callback_metrics.items())
         if name.startswith(prefixes)
         and not name.endswith(("_step", "_epoch"))
         and torch.as_tensor(value).numel() == 1
     }
+    return {name: None if math.isnan(value) else value for name, value in metrics.items()}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -117,6 +120,12 @@ def restore_checkpoint(
     module.load_state_dict(checkpoint["state_dict"])
     data_cfg = OmegaConf.create(stored["data"])
     for key, value in (data_replacements or {}).items():
-        if value is not None:
-            data_cfg[key] = value
+        if value is None:
+            continue
+        if key not in data_cfg:
+            raise ValueError(
+                f"data.{key}={value}: the checkpoint's dataset ({data_cfg.get('_target_')}) has no '{key}' setting; "
+                f"drop data.{key} (replaceable here: {', '.join(k for k in data_replacements if k in data_cfg)})"
+            )
+        data_cfg[key] = value
     return data_cfg, net, module

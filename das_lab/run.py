@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -46,12 +47,18 @@ class MetricHistory(Callback):
         if values:
             self.epochs.append(values)
 
-    def best(self) -> dict[str, float]:
-        """Best value of every metric over the epochs (lowest for losses, highest otherwise)."""
-        best: dict[str, float] = {}
+    def best(self) -> dict[str, Optional[float]]:
+        """Best value of every metric over the epochs (lowest for losses, highest otherwise).
+
+        NaN (undefined, e.g. the AP of an empty size range) never wins; a metric undefined in
+        every epoch is None (null in metrics.json).
+        """
+        best: dict[str, Optional[float]] = {}
         for epoch in self.epochs:
             for name, value in epoch.items():
-                if name not in best:
+                if math.isnan(value):
+                    best.setdefault(name, None)
+                elif best.get(name) is None:
                     best[name] = value
                 elif _is_lower_better(name):
                     best[name] = min(best[name], value)

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import io
 import json
+import math
 import random
 
 import numpy as np
@@ -15,6 +16,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from das_lab.run import MetricHistory, RunRecord
 from das_lab.tasks.coco_metrics import AP_NAMES, evaluate_coco, prepare_ground_truth, to_coco_results
 from fake_coco import make_split
 
@@ -31,6 +33,11 @@ def _pycocotools_stats(ground_truth: dict, detections: list, iou_type: str, imag
         evaluator.accumulate()
         evaluator.summarize()
     return evaluator.stats[:6]
+
+
+def _undefined_as_nan(stats: np.ndarray) -> dict[str, float]:
+    """COCOeval's stats under das-lab's names, its -1 (no ground truth in the range) as NaN."""
+    return {name: float(value) if value >= 0 else math.nan for name, value in zip(AP_NAMES, stats)}
 
 
 def _jittered_detections(ground_truth: dict, seed: int) -> list[dict]:
@@ -77,8 +84,7 @@ def test_ap_equals_pycocotools(ground_truth: dict, iou_type: str) -> None:
     ours = evaluate_coco(ground_truth, detections, iou_type)
     reference = _pycocotools_stats(ground_truth, json.loads(json.dumps(detections)), iou_type)
     assert 0.1 < ours["map"] < 0.95
-    for name, value in zip(AP_NAMES, reference):
-        assert ours[name] == pytest.approx(max(value, 0.0), abs=1e-6), name
+    assert ours == pytest.approx(_undefined_as_nan(reference), abs=1e-6, nan_ok=True)
 
 
 def test_ap_on_a_subset_of_images_equals_pycocotools(ground_truth: dict) -> None:
@@ -86,7 +92,7 @@ def test_ap_on_a_subset_of_images_equals_pycocotools(ground_truth: dict) -> None
     detections = [d for d in _jittered_detections(ground_truth, seed=1) if d["image_id"] in image_ids]
     ours = evaluate_coco(ground_truth, detections, "bbox", image_ids)
     reference = _pycocotools_stats(ground_truth, detections, "bbox", image_ids)
-    assert [ours[name] for name in AP_NAMES] == pytest.approx(np.maximum(reference, 0.0).tolist(), abs=1e-6)
+    assert ours == pytest.approx(_undefined_as_nan(reference), abs=1e-6, nan_ok=True)
 
 
 def test_annotation_id_zero_is_renumbered_so_perfect_boxes_score_one(ground_truth: dict) -> None:
@@ -107,8 +113,35 @@ def test_annotation_id_zero_is_renumbered_so_perfect_boxes_score_one(ground_trut
     assert evaluate_coco(broken, perfect, "bbox")["map"] == pytest.approx(1.0)
 
 
-def test_empty_detections_score_zero(ground_truth: dict) -> None:
-    assert evaluate_coco(ground_truth, [], "bbox") == {name: 0.0 for name in AP_NAMES}
+def test_empty_detections_score_zero_where_defined(ground_truth: dict) -> None:
+    scores = evaluate_coco(ground_truth, [], "bbox")
+    assert {name: scores[name] for name in ("map", "map_50", "map_75", "map_small")} == dict.fromkeys(
+        ("map", "map_50", "map_75", "map_small"), 0.0
+    )
+    assert math.isnan(scores["map_large"])
+
+
+def test_ap_of_a_size_range_without_ground_truth_is_undefined(ground_truth: dict) -> None:
+    """The fake images are at most 72 x 64 pixels: no object is large (area > 96^2), COCOeval says -1."""
+    detections = _jittered_detections(ground_truth, seed=2)
+    assert _pycocotools_stats(ground_truth, detections, "bbox")[AP_NAMES.index("map_large")] == -1
+    scores = evaluate_coco(ground_truth, detections, "bbox")
+    assert math.isnan(scores["map_large"]) and 0 < scores["map"] < 1
+
+
+def test_undefined_metrics_never_win_and_are_null_in_metrics_json(tmp_path) -> None:
+    history = MetricHistory()
+    history.epochs = [
+        {"val/map": 0.2, "val/map_large": math.nan, "val/map_medium": math.nan, "val/loss": 1.0},
+        {"val/map": math.nan, "val/map_large": math.nan, "val/map_medium": 0.4, "val/loss": math.nan},
+        {"val/map": 0.1, "val/map_large": math.nan, "val/map_medium": 0.3, "val/loss": 2.0},
+    ]
+    best = history.best()
+    assert best == {"val/map": 0.2, "val/map_large": None, "val/map_medium": 0.4, "val/loss": 1.0}
+    record = RunRecord(tmp_path, [])
+    record.completed({"test/map_large": None}, best, None)
+    text = (tmp_path / "metrics.json").read_text()
+    assert '"val/map_large": null' in text and json.loads(text)["final"] == {"test/map_large": None}
 
 
 def test_results_use_original_ids_and_xywh_boxes() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from das_lab.cli import main as das_lab
 from das_lab.data.verify import main
 from fake_datasets import make_imagenet_archives, make_stanford_dogs, truncate
 
@@ -40,6 +41,8 @@ def test_missing_dataset_and_wrong_class_count_fail(tmp_path: Path, capsys) -> N
     fake = make_stanford_dogs(tmp_path / "dogs")
     assert main(["data=stanford_dogs", f"data.root={fake.root}", "data.num_workers=0"]) == 1
     assert "data.num_classes=120 but" in capsys.readouterr().err
+    assert main(["data=stanford_dogs", f"data.root={fake.root}", "data.num_classes=0"]) == 1
+    assert capsys.readouterr().err == "data verify: FAILED\ndata.num_classes=0: expected a positive integer\n"
 
 
 def test_imagenet_archives_verify(tmp_path: Path, capsys) -> None:
@@ -49,3 +52,28 @@ def test_imagenet_archives_verify(tmp_path: Path, capsys) -> None:
     assert "official archives" in capsys.readouterr().out
     assert main(args + [f"data.cache_dir={tmp_path / 'fresh_cache'}"]) == 1
     assert "MD5 differs" in capsys.readouterr().err
+
+
+def test_empty_and_undecodable_images_are_listed_with_their_paths(tmp_path: Path, capsys) -> None:
+    fake = make_stanford_dogs(tmp_path / "dogs")
+    empty, text = fake.root / "Images" / fake.train[0], fake.root / "Images" / fake.test[1]
+    empty.write_bytes(b"")
+    text.write_text("not an image\n")
+    assert das_lab(["data", "verify", *_dogs_args(fake.root, tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "1 of 12 decoded" in captured.out and "1 of 6 decoded" in captured.out
+    problems = captured.err.strip().splitlines()
+    assert problems[0] == "data verify: 2 problem(s):"
+    assert f"  {empty}: empty file (0 bytes); replace or delete the file" in captured.err
+    assert f"  {text}: cannot decode image (not a format torchvision or Pillow can read);" in captured.err
+    assert len(problems) == 3 and "BytesIO" not in captured.err and "FAILED" not in captured.err
+
+
+def test_group_typo_is_one_line_listing_the_options(tmp_path: Path, capsys) -> None:
+    assert das_lab(["data", "verify", "data=imagenett", f"data.root={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "Could not find 'data/imagenett'; choose data= one of: coco, digits, imagenet, stanford_dogs" in err
+    assert das_lab(["data", "verify", "data=stanford_dogs", "data.no_such_key=1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no_such_key" in err

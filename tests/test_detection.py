@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from functools import partial
@@ -136,7 +137,9 @@ def test_train_validate_test_writes_coco_results(coco_root: Path, tmp_path: Path
     assert torch.isfinite(logged["train/loss"]) and any(k.startswith("train/loss_") for k in logged)
     assert 1e-4 < float(logged["train/lr"]) < 0.01  # linear warm-up, stepped per optimizer step
     names = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large"]
-    assert all(0.0 <= float(logged[f"val/{n}"]) <= 1.0 for n in names)
+    aps = {n: float(logged[f"val/{n}"]) for n in names}
+    assert all(0.0 <= ap <= 1.0 or math.isnan(ap) for ap in aps.values())
+    assert math.isnan(aps["map_large"])  # no fake object is large: undefined, not 0
     assert not (tmp_path / "detections_val.json").exists()  # written by validate/test, not every epoch
     results = trainer.test(module, datamodule=dm, verbose=False)[0]
     expected = {f"test/{n}" for n in names} | ({f"test/mask_{n}" for n in names} if masks else set())
@@ -194,6 +197,8 @@ def test_cli_trains_and_tests_a_detector(coco_root: Path, tmp_path: Path) -> Non
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and "val/map" in metrics["best"]
     assert {"test/map", "test/map_50", "test/map_small", "train/loss"} <= set(metrics["final"])
+    # no fake object is large (> 96^2 pixels): that AP is undefined, null rather than 0
+    assert metrics["final"]["test/map_large"] is None and metrics["best"]["val/map_large"] is None
     assert isinstance(json.loads((run_dir / "detections_test.json").read_text()), list)
 
     evaluate = [
@@ -206,5 +211,6 @@ def test_cli_trains_and_tests_a_detector(coco_root: Path, tmp_path: Path) -> Non
     (eval_dir,) = [p for p in (tmp_path / "outputs").glob("*/*") if p != run_dir]
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     assert evaluated["final"]["test/map"] == pytest.approx(metrics["final"]["test/map"], abs=1e-6)
+    assert evaluated["final"]["test/map_large"] is None
     for split in ("val", "test"):
         assert isinstance(json.loads((eval_dir / f"detections_{split}.json").read_text()), list)

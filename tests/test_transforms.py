@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -16,8 +19,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from das_lab.data.image_io import decode_rgb
-from das_lab.data.transforms import TRAIN_AUGMENT_KEYS, build_eval_transform, build_train_transform
+from das_lab.data.transforms import TRAIN_AUGMENT_KEYS, augment_ops, build_eval_transform, build_train_transform, posterize
 from das_lab.data.verify import compose_config
+from fake_datasets import DOG_BREEDS, make_stanford_dogs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RECIPES = ("basic", "das_paper", "dat_paper")
@@ -93,3 +97,66 @@ def test_decode_rejects_garbage_and_reads_bmp_through_pillow(tmp_path: Path) -> 
     assert decode_rgb((tmp_path / "a.bmp").read_bytes()).tolist() == torch.tensor([10, 20, 30])[:, None, None].expand(3, 4, 5).tolist()
     with pytest.raises(RuntimeError, match="x.jpg: cannot decode image"):
         decode_rgb(b"\xff\xd8garbage", "x.jpg")
+
+
+def test_posterize_keeps_high_bits_and_zero_bits_is_black() -> None:
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    assert np.array_equal(np.asarray(posterize(image, 3)), pixels & 0b11100000)
+    assert posterize(image, 8) is image
+    for bits in (0, -2):
+        black = posterize(image, bits)
+        assert black.mode == "RGB" and black.size == (7, 5) and not np.asarray(black).any()
+
+
+@pytest.mark.parametrize("auto_augment", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "v0r-mstd0.5", "augmix-m5-w3-d2"])
+def test_every_timm_augment_policy_posterizes_through_das_lab(auto_augment: str) -> None:
+    transform = build_train_transform(8, {"auto_augment": auto_augment, "interpolation": "bicubic"})
+    posterize_ops = [op for op in augment_ops(transform) if op.name.startswith("Posterize")]
+    assert posterize_ops and all(op.aug_fn is posterize for op in posterize_ops)
+
+
+def test_dat_recipe_posterize_at_magnitude_ten_is_a_black_image_not_an_error() -> None:
+    """m9 with mstd0.5 reaches magnitude 10 (0 bits) in about 2% of draws; Pillow >= 12 refuses 0 bits."""
+    augment = OmegaConf.to_container(OmegaConf.load(CONF / "recipe" / "dat_paper.yaml").data.train_augment)
+    (op,) = [op for op in augment_ops(build_train_transform(8, augment)) if op.name.startswith("Posterize")]
+    assert op.name == "PosterizeIncreasing" and op.level_fn(10, op.hparams) == (0,)
+    from PIL import Image
+
+    image = Image.fromarray(np.full((4, 4, 3), 200, dtype=np.uint8))
+    random.seed(0)
+    outputs = [np.asarray(op(image)) for _ in range(3000)]
+    black = sum(not out.any() for out in outputs)
+    assert 20 <= black <= 120  # ~0.5 (op applied) * 0.023 (magnitude >= 10) * 3000 = 34
+    assert all(out.shape == (4, 4, 3) for out in outputs)
+
+
+def test_dat_recipe_train_pipeline_survives_zero_bit_posterize(tmp_path: Path) -> None:
+    """Many passes of the real train dataset of data=stanford_dogs recipe=dat_paper, until 0 bits is drawn."""
+    fake = make_stanford_dogs(tmp_path / "dogs")
+    cfg = compose_config(["data=stanford_dogs", "recipe=dat_paper", f"data.root={fake.root}", f"data.cache_dir={tmp_path}",
+                          f"data.num_classes={len(DOG_BREEDS)}", "data.image_size=8", "data.num_workers=0", "data.pin_memory=false"])
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    (op,) = [op for op in augment_ops(datamodule.train_transform) if op.name.startswith("Posterize")]
+    bits_drawn: list[int] = []
+
+    def recording_level_fn(magnitude, hparams, level_fn=op.level_fn):
+        level_args = level_fn(magnitude, hparams)
+        bits_drawn.append(level_args[0])
+        return level_args
+
+    op.level_fn = recording_level_fn
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    loader = datamodule.train_dataloader()
+    for epoch in range(300):
+        loader.sampler.set_epoch(epoch)
+        for images, labels in loader:
+            assert images.shape[1:] == (3, 8, 8) and torch.isfinite(images).all()
+        if 0 in bits_drawn:
+            break
+    assert 0 in bits_drawn, f"0 bits never drawn in {len(bits_drawn)} posterize calls"

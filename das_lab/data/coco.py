@@ -51,6 +51,11 @@ def load_annotations(path: Path, with_masks: bool) -> dict[str, Any]:
             dataset = json.load(handle)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error}); re-download or re-extract the annotations") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); COCO annotation files are UTF-8 JSON, "
+            "re-download or re-extract the annotations"
+        ) from error
     if not isinstance(dataset, dict):
         raise ValueError(f"{path}: expected a JSON object with images, annotations and categories")
     for section, keys in _REQUIRED.items():

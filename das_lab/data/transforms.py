@@ -6,18 +6,23 @@
 ``das_lab.data.image_io``. A recipe of only random-resized-crop and flips runs as torchvision
 transforms v2 on those tensors (no PIL round trip); a recipe with colour jitter, RandAugment /
 AutoAugment or random erasing runs timm's own ``create_transform`` pipeline, so the recipe means
-exactly what it means in timm. Eval resizes the shorter side to ``image_size / crop_pct`` and
+exactly what it means in timm, with one exception: posterizing to 0 bits. timm's RandAugment
+asks Pillow for 0 bits at magnitude 10 (``PosterizeIncreasing``, reached by ``mstd`` noise around
+m9) and means a black image, which Pillow >= 12 refuses with a ValueError; das-lab's
+``posterize`` replaces timm's in every augment op of the pipeline and returns that black image
+itself, whatever Pillow is installed. Eval resizes the shorter side to ``image_size / crop_pct`` and
 centre-crops ``image_size`` (``crop_pct=0.875``: 256 -> 224).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from torchvision.transforms import InterpolationMode, v2
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -36,6 +41,36 @@ def _interpolation(name: str) -> InterpolationMode:
 
 def _to_normalized_float(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Any]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+
+
+def posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """Keep the ``bits_to_keep`` high bits of every channel; 0 or fewer bits is a black image, 8 or more the image itself."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def augment_ops(transform: Any) -> Iterator[auto_augment.AugmentOp]:
+    """Every timm AugmentOp inside a transform: RandAugment's ops, AutoAugment's policies, AugMix's ops."""
+    if isinstance(transform, auto_augment.AugmentOp):
+        yield transform
+        return
+    if isinstance(transform, (list, tuple)):
+        children: list[Any] = list(transform)
+    else:
+        children = [getattr(transform, name, ()) for name in ("transforms", "ops", "policy")]
+    for child in children:
+        yield from augment_ops(child)
+
+
+def use_safe_posterize(transform: Transform) -> Transform:
+    """Point timm's posterize ops (Posterize, PosterizeIncreasing, PosterizeOriginal) at das-lab's ``posterize``."""
+    for op in augment_ops(transform):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = posterize
+    return transform
 
 
 def uses_tensor_fast_path(augment: Mapping[str, Any]) -> bool:
@@ -77,7 +112,7 @@ def build_train_transform(
     kwargs = {key: value for key, value in augment.items() if value is not None}
     kwargs.update(scale=scale, ratio=ratio)
     timm_transform = create_transform(image_size, is_training=True, mean=mean, std=std, **kwargs)
-    return v2.Compose([v2.ToPILImage(), timm_transform])
+    return v2.Compose([v2.ToPILImage(), use_safe_posterize(timm_transform)])
 
 
 def build_eval_transform(

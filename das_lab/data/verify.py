@@ -13,14 +13,18 @@ import sys
 from typing import Optional, Sequence
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset
 
 from das_lab.config import config_dir
 from das_lab.data.image_io import CorruptImageError, ImageClassificationDataModule, ImageSampleDataset
 
 SHOWN_UNREADABLE = 20
+# what a dataset or its config can be wrong with; anything else is a bug and keeps its traceback
+INPUT_ERRORS = (FileNotFoundError, ValueError, CorruptImageError)
 
 
 class _DecodeProbe(Dataset):
@@ -45,6 +49,14 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
     """The training config with these overrides, as ``das-lab train`` would compose it."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+def config_error_line(error: Exception) -> str:
+    """One line for an override Hydra cannot compose (a group option or key that does not exist)."""
+    if isinstance(error, MissingConfigException) and error.options:
+        group = (error.missing_cfg_file or "").rsplit("/", 1)[0]
+        return f"{str(error).splitlines()[0]}; choose {group}= one of: {', '.join(error.options)}"
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def unreadable_images(
@@ -100,15 +112,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-images", type=int, default=None, help="decode at most N images per split (default: all)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=stanford_dogs data.root=/data/dogs")
     args = parser.parse_args(argv)
-    cfg = compose_config(args.overrides)
+    try:
+        cfg = compose_config(args.overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        print(f"data verify: {config_error_line(error)}", file=sys.stderr)
+        return 1
     try:
         datamodule = instantiate(cfg.data)
         if not isinstance(datamodule, ImageClassificationDataModule):
             print(f"data verify: {cfg.data._target_} is not an image-folder dataset; choose data=stanford_dogs or data=imagenet", file=sys.stderr)
             return 1
         rows, problems = verify(datamodule, args.max_images)
-    except (FileNotFoundError, ValueError, CorruptImageError) as error:
-        print(f"data verify: FAILED\n{error}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, CorruptImageError, InstantiationException) as error:
+        # a datamodule constructor refusing a config value reaches us wrapped by Hydra
+        problem = error.__cause__ if isinstance(error, InstantiationException) else error
+        if not isinstance(problem, INPUT_ERRORS):
+            raise
+        print(f"data verify: FAILED\n{problem}", file=sys.stderr)
         return 1
     print(_table(rows))
     if problems:

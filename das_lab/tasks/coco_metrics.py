@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -92,11 +93,10 @@ def evaluate_coco(
     """COCO AP, AP50, AP75, APs, APm, APl (fractions) of ``detections`` on ``image_ids``.
 
     ``image_ids`` restricts the evaluation to the images that were actually predicted (e.g. with
-    ``trainer.limit_val_batches``); ``None`` evaluates every image of the ground truth. An empty
-    detection list scores 0 everywhere.
+    ``trainer.limit_val_batches``); ``None`` evaluates every image of the ground truth. An AP
+    without ground truth to score (COCOeval's -1, e.g. ``map_large`` when no object is large) is
+    undefined: NaN here, null in metrics.json, never 0, which would read as a failed detector.
     """
-    if not detections:
-        return {name: 0.0 for name in AP_NAMES}
     coco_gt = COCO(prepare_ground_truth(ground_truth))
     coco_dt = coco_gt.loadRes(copy.deepcopy(detections))
     evaluator = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, print_function=log.debug)
@@ -105,8 +105,7 @@ def evaluate_coco(
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
-    # COCOeval reports -1 where a size range has no ground truth; such a range has no AP to show.
-    return {name: max(float(value), 0.0) for name, value in zip(AP_NAMES, evaluator.stats[: len(AP_NAMES)])}
+    return {name: float(value) if value >= 0 else math.nan for name, value in zip(AP_NAMES, evaluator.stats)}
 
 
 def gather_detections(
