@@ -76,7 +76,7 @@ def test_slurm_launcher_follows_the_trainer(compose_train):
     cfg = compose_train("hydra/launcher=slurm", "trainer=gpu", "trainer.devices=4", "trainer.num_nodes=2",
                         "hydra.launcher.partition=gpu", "hydra.sweep.dir=/sweeps/x")
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher["_target_"] == "hydra_plugins.das_lab_launchers.submitit_launchers.SlurmLauncher"
     layout = [launcher[k] for k in ("partition", "nodes", "tasks_per_node", "gpus_per_node")]
     assert layout == ["gpu", 2, 4, 4]
     assert launcher["max_num_timeout"] == 3 and launcher["timeout_min"] == 1440
