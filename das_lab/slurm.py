@@ -56,6 +56,13 @@ def leave_promptly_on_requeue() -> None:
     signal.signal(REQUEUE_SIGNAL, handler)
 
 
+def exit_if_requeued() -> None:
+    """A requeued job leaves without a result, whatever its training raised on the way out (a peer rank's
+    closed connection): submitit would take a result as the job's end, though SLURM runs it again."""
+    if _requeue_requested:
+        raise SystemExit(-1)
+
+
 def job_command(launch_argv: Sequence[str], job_overrides: Sequence[str]) -> list[str]:
     """The das-lab command line that runs one job of a sweep by itself (``das-lab train k=v ...``)."""
     return [*launch_argv[:2], *job_overrides]

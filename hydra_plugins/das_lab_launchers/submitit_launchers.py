@@ -33,7 +33,9 @@ class _DasLabJobs:
 
         slurm.leave_promptly_on_requeue()
         sys.argv = slurm.job_command(self.launch_argv, sweep_overrides)
-        return super().__call__([*sweep_overrides, *slurm.rank_overrides()], *args)  # type: ignore[misc]
+        job_return = super().__call__([*sweep_overrides, *slurm.rank_overrides()], *args)  # type: ignore[misc]
+        slurm.exit_if_requeued()
+        return job_return
 
     def _executor(self) -> Any:
         """A submitit executor with this launcher's parameters; launcher-only keys keep submitit's names."""
