@@ -113,7 +113,7 @@ def test_sweep_runs_as_an_array_and_reports_its_failed_job(slurm_conf, slurm, tm
     assert "1 job(s) of the sweep failed" in result.stderr and str(failed) in result.stderr
     assert read_metrics(failed)["status"] == "failed" and (failed / "FAILED").is_file()
     assert read_metrics(completed)["status"] == "completed" and not (completed / "FAILED").exists()
-    array_tasks = sorted(p.name for p in (tmp_path / "multirun").glob("*/*/.submitit/*_*"))
+    array_tasks = sorted(p.name for p in (tmp_path / "multirun").glob("*/*/.submitit/[0-9]*_[0-9]*"))
     assert len(array_tasks) == 2 and array_tasks[0].endswith("_0") and array_tasks[1].endswith("_1")
     states = slurm(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", array_tasks[0].split("_")[0]]).stdout
     assert sorted(states.split()) == [f"{array_tasks[0]}|COMPLETED", f"{array_tasks[1]}|COMPLETED"]

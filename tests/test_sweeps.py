@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import optuna
 import pytest
@@ -17,7 +19,16 @@ from omegaconf import OmegaConf
 from cli_helpers import TINY, read_metrics, run_cli
 from das_lab.cli import _register_resolvers
 from das_lab.config import config_dir
-from das_lab.sweeps import NanObjectiveFailsTrial, sqlite_storage
+from das_lab.sweeps import (
+    MAX_DIRNAME,
+    SWEPT_KEYS_ENV,
+    NanObjectiveFailsTrial,
+    SweepFolder,
+    failed_jobs,
+    job_dirname,
+    sqlite_storage,
+    swept_keys,
+)
 
 # one training and one validation step per job, no test
 FAST = [*TINY, "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false"]
@@ -156,3 +167,43 @@ def test_submitit_local_launcher_runs_jobs_and_reports_failures(tmp_path):
     assert metrics["status"] == "completed" and math.isfinite(metrics["best"]["val/acc1"])
     submitit_dirs = [p for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()]  # <SLURM-style job ids>
     assert submitit_dirs and all(list(d.glob("*_log.out")) for d in submitit_dirs)
+
+
+def test_swept_keys_come_from_the_command_line_and_the_sweeper_params(compose_train, monkeypatch):
+    cfg = compose_train("+experiment=ablation_backbones", "seed=1")
+    cfg.hydra.overrides.task.append("optimizer.lr=1e-3,2e-3")  # as `-m` hands it to the sweep
+    assert swept_keys(cfg) == ["backbone", "optimizer.lr"]
+    monkeypatch.delenv(SWEPT_KEYS_ENV, raising=False)
+    SweepFolder().on_multirun_start(cfg)
+    assert os.environ[SWEPT_KEYS_ENV] == "backbone,optimizer.lr" and SweepFolder.last == Path(cfg.hydra.sweep.dir)
+
+
+def test_job_folder_names_start_with_the_swept_values_and_end_in_a_hash(monkeypatch):
+    monkeypatch.setenv(SWEPT_KEYS_ENV, "optimizer.lr")
+    constant = ",".join(f"data.option_{i}=value_{i}" for i in range(12))
+    names = [job_dirname(f"{constant},optimizer.lr={lr},trainer.max_epochs=1") for lr in ("0.001", "0.002")]
+    assert names[0].startswith("optimizer.lr=0.001,option_0=value_0,option_1=value_1")
+    assert names[1].startswith("optimizer.lr=0.002,")
+    assert all(len(name) == MAX_DIRNAME for name in names) and names[0][-10:] != names[1][-10:]
+    assert job_dirname("model=resnet,+experiment=x,tags=[a,b]") == "model=resnet,+experiment=x,tags=[a,b]"
+    monkeypatch.setenv(SWEPT_KEYS_ENV, "")
+    assert job_dirname("data.digit_size=16") == "digit_size=16" and job_dirname("") == ""
+
+
+def test_failed_jobs_are_absolute_paths(tmp_path, monkeypatch):
+    job = tmp_path / "multirun" / "d" / "t" / "0_x=1"
+    job.mkdir(parents=True)
+    (job / "metrics.json").write_text(json.dumps({"status": "failed"}))
+    monkeypatch.chdir(tmp_path)
+    assert failed_jobs(Path("multirun/d/t")) == [str(job)]
+
+
+@pytest.mark.slow
+def test_failure_summary_counts_each_job_once_with_a_relative_log_folder(tmp_path):
+    result = run_cli(["train", "-m", *FAST, "data.digit_size=99", "seed=1,2"], cwd=tmp_path, env={"DAS_LAB_LOGS": "."})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "2 job(s) of the sweep failed" in result.stderr
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert [name.split(",")[0] for name in jobs] == ["0_seed=1", "1_seed=2"]
+    assert sum(line.strip().endswith(jobs[0]) for line in result.stderr.splitlines()) == 1
