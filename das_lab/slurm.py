@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import sys
 from pathlib import Path
@@ -30,7 +29,10 @@ def requeue_requested() -> bool:
 
 
 def _global_rank() -> int:
-    return int(os.environ.get("SLURM_PROCID", "0"))
+    """This task's rank in its submitit job (SLURM or local executor)."""
+    import submitit
+
+    return submitit.JobEnvironment().global_rank
 
 
 def leave_promptly_on_requeue() -> None:
