@@ -15,7 +15,6 @@ from typing import Any, Callable, Sequence
 
 log = logging.getLogger(__name__)
 
-REQUEUE_SIGNAL = signal.SIGUSR2  # submitit's preemption/time-out signal (SUBMITIT_PREEMPT_SIGNAL)
 _requeue_requested = False
 
 
@@ -39,7 +38,10 @@ def leave_promptly_on_requeue() -> None:
     """Wrap submitit's handler of the requeue signal: remember that the job was requeued, and make every
     rank leave its training at once, not only rank 0 (the others would wait in a collective for a peer
     that has gone, until SLURM kills them)."""
-    submitit_handler = signal.getsignal(REQUEUE_SIGNAL)
+    import submitit
+
+    requeue_signal = getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}")  # USR2 unless SUBMITIT_PREEMPT_SIGNAL
+    submitit_handler = signal.getsignal(requeue_signal)
     if not callable(submitit_handler):
         return
 
@@ -55,7 +57,7 @@ def leave_promptly_on_requeue() -> None:
             log.info("rank %d leaves: rank 0 requeues the job", _global_rank())
             sys.exit(-1)
 
-    signal.signal(REQUEUE_SIGNAL, handler)
+    signal.signal(requeue_signal, handler)
 
 
 def exit_if_requeued() -> None:

@@ -19,6 +19,8 @@ from omegaconf import OmegaConf
 from cli_helpers import TINY, read_metrics, run_cli
 from das_lab.cli import _register_resolvers
 from das_lab.config import config_dir
+from das_lab.run import RunRecord
+from das_lab.slurm import record_ended_job
 from das_lab.sweeps import (
     MAX_DIRNAME,
     SWEPT_KEYS_ENV,
@@ -207,3 +209,30 @@ def test_failure_summary_counts_each_job_once_with_a_relative_log_folder(tmp_pat
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
     assert [name.split(",")[0] for name in jobs] == ["0_seed=1", "1_seed=2"]
     assert sum(line.strip().endswith(jobs[0]) for line in result.stderr.splitlines()) == 1
+
+
+def test_job_that_slurm_ended_is_recorded_failed_keeping_what_its_attempts_measured(tmp_path):
+    job = tmp_path / "0_x=1"
+    job.mkdir()
+    RunRecord(job, ["x=1"]).requeued({"val/acc1": 0.5})
+    earlier = read_metrics(job)
+    assert earlier["status"] == "requeued" and not (job / "FAILED").exists()
+    record_ended_job(job, ["x=1"], "7_0", "CANCELLED", tmp_path / "7_0_0_log.err")
+    metrics = read_metrics(job)
+    assert (metrics["status"], metrics["slurm_state"], metrics["best"]) == ("failed", "CANCELLED", {"val/acc1": 0.5})
+    assert metrics["wall_time_s"] >= earlier["wall_time_s"]
+    assert "SLURM ended job 7_0 with state CANCELLED" in (job / "FAILED").read_text()
+    done = tmp_path / "1_x=2"
+    done.mkdir()
+    RunRecord(done, ["x=2"]).completed({"val/acc1": 0.7}, {"val/acc1": 0.7}, None)
+    record_ended_job(done, ["x=2"], "7_1", "COMPLETED", tmp_path / "7_1_0_log.err")
+    assert read_metrics(done)["status"] == "completed" and not (done / "FAILED").exists()
+
+
+def test_resumed_attempt_of_a_requeued_job_counts_the_earlier_wall_time(tmp_path):
+    first = RunRecord(tmp_path, [])
+    first.started -= 30.0  # the first attempt ran 30 s before SLURM requeued it
+    first.requeued({"val/acc1": 0.5})
+    RunRecord(tmp_path, []).completed({}, {"val/acc1": 0.6}, None)
+    metrics = read_metrics(tmp_path)
+    assert metrics["status"] == "completed" and 30.0 <= metrics["wall_time_s"] < 60.0
