@@ -66,6 +66,13 @@ install_missing() {
     if $own_policy; then rm -f "$policy"; fi
 }
 
+# ours NAME: the pid of daemon NAME that `start` spawned, if that process still runs it (pids get reused)
+ours() {
+    local pid
+    pid=$(cat "$RUN/$1.pid" 2>/dev/null) || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$1"* ]] && echo "$pid"
+}
+
 # spawn NAME COMMAND...: run a daemon in the foreground of its own session, remember its pid
 spawn() {
     local name=$1
@@ -190,7 +197,7 @@ status() {
     export SLURM_CONF=$CONF
     local name
     for name in "${DAEMONS[@]}"; do
-        kill -0 "$(cat "$RUN/$name.pid" 2>/dev/null)" 2>/dev/null || { say "not running: $name is down"; return 1; }
+        ours "$name" >/dev/null || { say "not running: $name is down"; return 1; }
     done
     timeout 10 scontrol ping >/dev/null 2>&1 || { say "not running: slurmctld does not answer"; return 1; }
     echo "SLURM_CONF=$CONF"
@@ -203,7 +210,7 @@ stop() {
         wait_for 30 jobs-ended bash -c '[[ -z $(squeue -h) ]]' || true
     fi
     for name in "${DAEMONS[@]}"; do
-        pid=$(cat "$RUN/$name.pid" 2>/dev/null) || continue
+        pid=$(ours "$name") || continue
         kill -TERM "$pid" 2>/dev/null || continue
         for _ in $(seq 40); do
             kill -0 "$pid" 2>/dev/null || break

@@ -156,22 +156,36 @@ def test_requeue_by_usr2_resumes_from_last_checkpoint_to_the_uninterrupted_resul
     assert "Requeued job" in (preempted / "train.log").read_text()
 
 
+def _elapsed_s(slurm, job_id: str) -> int:
+    """Seconds the job has run, from squeue's [[D-]H:]M:SS."""
+    seconds = 0
+    for part in slurm(["squeue", "-h", "-j", job_id, "-o", "%M"]).stdout.strip().replace("-", ":").split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds
+
+
 def test_requeue_at_the_time_limit_resumes_and_keeps_the_history(slurm_conf, slurm, tmp_path):
-    # 45 s of training in a 1-minute job: SLURM signals it 40 s before its limit (checked every 30 s),
-    # so 20-50 s after it started; it is requeued and resumes
-    sweep = _start_sweep([*FAST, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=40",
-                          "+trainer.max_time={seconds:45}", "trainer.max_epochs=100000", "ckpt_path=auto", "seed=1"],
-                         tmp_path, slurm_conf)
-    job_dir = _wait_for(lambda: next(iter(tmp_path.glob("multirun/*/*/0_*/metrics.json")), None), "the requeue",
-                        timeout_s=300).parent
-    assert _status(job_dir) == "requeued" and not (job_dir / "FAILED").exists()
+    # 40 s of training; once the first epoch is saved, the job's time limit is cut so that it ends 30-90 s
+    # later: SLURM (checking every 30 s) sends the signal 90 s before the limit at its next check, the job
+    # is requeued, gets its long limit back while it waits, and resumes
+    sweep = _start_sweep([*FAST, "hydra.launcher.signal_delay_s=90", '+trainer.max_time="00:00:00:40"',
+                          "trainer.max_epochs=100000", "ckpt_path=auto", "seed=1"], tmp_path, slurm_conf)
+    job_dir = _wait_for(lambda: next(iter(tmp_path.glob("multirun/*/*/0_*/checkpoints/last.ckpt")), None),
+                        "the first checkpoint").parents[1]
+    (job_id, _) = _queued(slurm)
+    limit_min = -(-(_elapsed_s(slurm, job_id) + 30) // 60)
+    slurm(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit_min}"])
+    _wait_for(lambda: _status(job_dir) == "requeued", "the requeue at the time limit", timeout_s=90)
+    slurm(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"])
+    assert not (job_dir / "FAILED").exists()
     requeued_wall_time = read_metrics(job_dir)["wall_time_s"]
     _, stderr = sweep.communicate(timeout=300)
     assert sweep.returncode == 0, stderr[-3000:]
     metrics = read_metrics(job_dir)
     assert metrics["status"] == "completed" and not (job_dir / "FAILED").exists()
     assert metrics["wall_time_s"] > requeued_wall_time
-    assert "Requeued job" in (job_dir / "train.log").read_text()
+    log = (job_dir / "train.log").read_text()
+    assert "Requeued job" in log and "this job is timed-out" in log
     epochs = _epochs(job_dir)
     assert epochs == list(range(len(epochs))) and len(epochs) > 1
 
