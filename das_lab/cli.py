@@ -6,7 +6,6 @@ Heavy libraries (torch, Lightning, W&B) are imported only by the subcommand that
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import os
@@ -57,17 +56,6 @@ def _user_facing(error: BaseException) -> Optional[str]:
     return None
 
 
-MAX_DIRNAME = 120
-
-
-def short_dirname(name: str) -> str:
-    """Keep sweep folder names under file-system limits: long ones end in a hash of the full name."""
-    if len(name) <= MAX_DIRNAME:
-        return name
-    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
-    return f"{name[:MAX_DIRNAME]}-{digest}"
-
-
 def run_stamp(now: str) -> str:
     """The run folder's name: ``now`` plus the SLURM job id, or the torchrun id that all ranks share."""
     torchrun_id = os.environ.get("TORCHELASTIC_RUN_ID")
@@ -93,7 +81,9 @@ def _rank_overrides() -> list[str]:
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
-    OmegaConf.register_new_resolver("das_lab_short", short_dirname, replace=True)
+    from das_lab.sweeps import job_dirname
+
+    OmegaConf.register_new_resolver("das_lab_short", job_dirname, replace=True)
     OmegaConf.register_new_resolver("das_lab_run_stamp", run_stamp, replace=True)
 
 

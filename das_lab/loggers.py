@@ -1,7 +1,9 @@
-"""Experiment loggers beyond Lightning's defaults: W&B that names, groups and closes its runs by itself."""
+"""Experiment loggers beyond Lightning's defaults: W&B that names, groups and closes its runs by itself;
+CSV and TensorBoard logs that a resumed run continues instead of replacing."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -12,8 +14,11 @@ from urllib.parse import urlparse
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
@@ -186,3 +191,41 @@ def with_resumed_wandb_id(logger_cfg: Optional[DictConfig], checkpoint: Optional
     logger_cfg.wandb.id = run_id
     log.info("resuming W&B run %s", run_id)
     return logger_cfg
+
+
+class _ContinuedCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer that keeps an earlier attempt's metrics.csv (Lightning deletes it).
+
+    Rows from the first step this attempt logs onwards were logged after the checkpoint it resumed
+    from: the new attempt repeats those steps, so its rows replace them.
+    """
+
+    def _check_log_dir_exists(self) -> None:
+        self._earlier_rows: Optional[list[dict[str, str]]] = None
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                reader = csv.DictReader(file)
+                self._earlier_rows = list(reader)
+                self.metrics_keys = sorted(reader.fieldnames or [])
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: Optional[int] = None) -> None:
+        if self._earlier_rows is not None and step is not None:
+            kept = [row for row in self._earlier_rows if float(row["step"]) < step]
+            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+            self._earlier_rows = None
+        super().log_metrics(metrics_dict, step)
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's CSV logger whose metrics.csv spans every attempt of a resumed run (``ckpt_path=last|auto``)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedCSVWriter(log_dir=self.log_dir)
+        return self._experiment

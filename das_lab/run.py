@@ -117,6 +117,9 @@ class RunRecord:
         self.started = time.monotonic()
         self.params: Optional[int] = None
         self.gflops: Optional[float] = None
+        previous = self.previous()
+        # SLURM restarts a requeued job in its folder: wall time counts every attempt
+        self.earlier_s = float(previous.get("wall_time_s") or 0.0) if previous.get("status") == "requeued" else 0.0
 
     @property
     def metrics_path(self) -> Path:
@@ -125,6 +128,13 @@ class RunRecord:
     @property
     def failed_path(self) -> Path:
         return self.run_dir / "FAILED"
+
+    def previous(self) -> dict[str, Any]:
+        """The folder's metrics.json as an earlier attempt or command left it ({} when there is none)."""
+        try:
+            return json.loads(self.metrics_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
 
     def write_environment(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +151,7 @@ class RunRecord:
             "params": self.params,
             "gflops": self.gflops,
             "overrides": self.overrides,
-            "wall_time_s": round(time.monotonic() - self.started, 3),
+            "wall_time_s": round(self.earlier_s + time.monotonic() - self.started, 3),
             "ckpt_best": ckpt_best,
         }
 
@@ -149,11 +159,26 @@ class RunRecord:
         self.failed_path.unlink(missing_ok=True)
         write_json_atomic(self.metrics_path, self._payload("completed", final, best, ckpt_best))
 
-    def failed(self, error: BaseException, best: Optional[dict[str, float]] = None) -> None:
-        """Leave the traceback in ``FAILED`` and a metrics.json that says so, keeping what was measured."""
+    def failed(self, error: BaseException, best: Optional[dict[str, float]] = None,
+               extra: Optional[dict[str, Any]] = None) -> None:
+        """Leave the traceback in ``FAILED`` and a metrics.json that says so, keeping what was measured.
+
+        A SLURM job that asked to be requeued has not failed: it is recorded as ``requeued``.
+        """
+        from das_lab.slurm import requeue_requested
+
+        if requeue_requested():
+            self.requeued(best)
+            return
         text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.failed_path.write_text(text)
         payload = self._payload("failed", {}, best or {}, None)
         payload["error"] = f"{type(error).__name__}: {error}"
+        payload.update(extra or {})
         write_json_atomic(self.metrics_path, payload)
+
+    def requeued(self, best: Optional[dict[str, float]] = None) -> None:
+        """A SLURM job waiting to restart (preempted or out of time): it resumes from its last checkpoint."""
+        self.failed_path.unlink(missing_ok=True)
+        write_json_atomic(self.metrics_path, self._payload("requeued", {}, best or {}, None))

@@ -1,11 +1,14 @@
-"""Sweep helpers that configs instantiate: Optuna storage and trial outcomes, the sweep folder."""
+"""Sweep helpers that configs instantiate: Optuna storage and trial outcomes, the sweep folder, job folder names."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import re
 from pathlib import Path
-import json
 from typing import Any, Optional
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -40,8 +43,40 @@ class NanObjectiveFailsTrial(Callback):
             job_return.return_value = None
 
 
+MAX_DIRNAME = 120
+# the keys a sweep varies, handed by the launching process to its jobs (which inherit its environment)
+SWEPT_KEYS_ENV = "DAS_LAB_SWEPT_KEYS"
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """Keys whose value changes from job to job: sweeps on the command line and ``hydra.sweeper.params``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    swept = {override.key_or_group for override in overrides if override.is_sweep_override()}
+    return sorted(swept | set(config.hydra.sweeper.get("params") or {}))
+
+
+def job_dirname(override_dirname: str) -> str:
+    """A sweep job's folder name that shows what differs: the swept ``key=value`` first, then the other
+    overrides by their last key component; a name longer than MAX_DIRNAME is cut and ends in a hash of
+    the full name, so that it stays unique."""
+    swept = set(filter(None, os.environ.get(SWEPT_KEYS_ENV, "").split(",")))
+    items = re.split(r",(?=[^,=]+=)", override_dirname) if override_dirname else []
+    keys = [item.split("=", 1)[0].lstrip("+~") for item in items]
+    first = [item for item, key in zip(items, keys) if key in swept]
+    rest = [item.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + item.split("=", 1)[1] if "=" in item else item
+            for item, key in zip(items, keys) if key not in swept]
+    name = ",".join(first + rest)
+    if len(name) <= MAX_DIRNAME:
+        return name
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+    return f"{name[:MAX_DIRNAME - len(digest) - 1]}-{digest}"
+
+
 class SweepFolder(Callback):
-    """Remembers, in the launching process, the folder of the sweep that runs.
+    """Remembers, in the launching process, the folder of the sweep that runs, and tells its jobs which
+    keys it sweeps (their folder names start with those).
 
     Jobs may run elsewhere (submitit, SLURM), so the launching process learns which failed from
     their metrics.json files rather than from its own memory.
@@ -51,10 +86,11 @@ class SweepFolder(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepFolder.last = Path(config.hydra.sweep.dir)
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config))
 
 
 def failed_jobs(sweep_dir: Path) -> list[str]:
-    """Job folders of a sweep whose metrics.json says ``failed``."""
+    """Absolute job folders of a sweep whose metrics.json says ``failed`` (as Hydra names a job's folder)."""
     failed = []
     for metrics in sorted(sweep_dir.glob("*/metrics.json")):
         try:
@@ -62,5 +98,5 @@ def failed_jobs(sweep_dir: Path) -> list[str]:
         except (OSError, json.JSONDecodeError):
             continue
         if status == "failed":
-            failed.append(str(metrics.parent))
+            failed.append(os.path.abspath(metrics.parent))
     return failed

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import optuna
 import pytest
@@ -17,7 +19,18 @@ from omegaconf import OmegaConf
 from cli_helpers import TINY, read_metrics, run_cli
 from das_lab.cli import _register_resolvers
 from das_lab.config import config_dir
-from das_lab.sweeps import NanObjectiveFailsTrial, sqlite_storage
+from das_lab.run import RunRecord
+from das_lab.slurm import record_ended_job
+from das_lab.sweeps import (
+    MAX_DIRNAME,
+    SWEPT_KEYS_ENV,
+    NanObjectiveFailsTrial,
+    SweepFolder,
+    failed_jobs,
+    job_dirname,
+    sqlite_storage,
+    swept_keys,
+)
 
 # one training and one validation step per job, no test
 FAST = [*TINY, "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false"]
@@ -76,7 +89,7 @@ def test_slurm_launcher_follows_the_trainer(compose_train):
     cfg = compose_train("hydra/launcher=slurm", "trainer=gpu", "trainer.devices=4", "trainer.num_nodes=2",
                         "hydra.launcher.partition=gpu", "hydra.sweep.dir=/sweeps/x")
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher["_target_"] == "hydra_plugins.das_lab_launchers.submitit_launchers.SlurmLauncher"
     layout = [launcher[k] for k in ("partition", "nodes", "tasks_per_node", "gpus_per_node")]
     assert layout == ["gpu", 2, 4, 4]
     assert launcher["max_num_timeout"] == 3 and launcher["timeout_min"] == 1440
@@ -156,3 +169,70 @@ def test_submitit_local_launcher_runs_jobs_and_reports_failures(tmp_path):
     assert metrics["status"] == "completed" and math.isfinite(metrics["best"]["val/acc1"])
     submitit_dirs = [p for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()]  # <SLURM-style job ids>
     assert submitit_dirs and all(list(d.glob("*_log.out")) for d in submitit_dirs)
+
+
+def test_swept_keys_come_from_the_command_line_and_the_sweeper_params(compose_train, monkeypatch):
+    cfg = compose_train("+experiment=ablation_backbones", "seed=1")
+    cfg.hydra.overrides.task.append("optimizer.lr=1e-3,2e-3")  # as `-m` hands it to the sweep
+    assert swept_keys(cfg) == ["backbone", "optimizer.lr"]
+    monkeypatch.delenv(SWEPT_KEYS_ENV, raising=False)
+    SweepFolder().on_multirun_start(cfg)
+    assert os.environ[SWEPT_KEYS_ENV] == "backbone,optimizer.lr" and SweepFolder.last == Path(cfg.hydra.sweep.dir)
+
+
+def test_job_folder_names_start_with_the_swept_values_and_end_in_a_hash(monkeypatch):
+    monkeypatch.setenv(SWEPT_KEYS_ENV, "optimizer.lr")
+    constant = ",".join(f"data.option_{i}=value_{i}" for i in range(12))
+    names = [job_dirname(f"{constant},optimizer.lr={lr},trainer.max_epochs=1") for lr in ("0.001", "0.002")]
+    assert names[0].startswith("optimizer.lr=0.001,option_0=value_0,option_1=value_1")
+    assert names[1].startswith("optimizer.lr=0.002,")
+    assert all(len(name) == MAX_DIRNAME for name in names) and names[0][-10:] != names[1][-10:]
+    assert job_dirname("model=resnet,+experiment=x,tags=[a,b]") == "model=resnet,+experiment=x,tags=[a,b]"
+    monkeypatch.setenv(SWEPT_KEYS_ENV, "")
+    assert job_dirname("data.digit_size=16") == "digit_size=16" and job_dirname("") == ""
+
+
+def test_failed_jobs_are_absolute_paths(tmp_path, monkeypatch):
+    job = tmp_path / "multirun" / "d" / "t" / "0_x=1"
+    job.mkdir(parents=True)
+    (job / "metrics.json").write_text(json.dumps({"status": "failed"}))
+    monkeypatch.chdir(tmp_path)
+    assert failed_jobs(Path("multirun/d/t")) == [str(job)]
+
+
+@pytest.mark.slow
+def test_failure_summary_counts_each_job_once_with_a_relative_log_folder(tmp_path):
+    result = run_cli(["train", "-m", *FAST, "data.digit_size=99", "seed=1,2"], cwd=tmp_path, env={"DAS_LAB_LOGS": "."})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "2 job(s) of the sweep failed" in result.stderr
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert [name.split(",")[0] for name in jobs] == ["0_seed=1", "1_seed=2"]
+    assert sum(line.strip().endswith(jobs[0]) for line in result.stderr.splitlines()) == 1
+
+
+def test_job_that_slurm_ended_is_recorded_failed_keeping_what_its_attempts_measured(tmp_path):
+    job = tmp_path / "0_x=1"
+    job.mkdir()
+    RunRecord(job, ["x=1"]).requeued({"val/acc1": 0.5})
+    earlier = read_metrics(job)
+    assert earlier["status"] == "requeued" and not (job / "FAILED").exists()
+    record_ended_job(job, ["x=1"], "7_0", "CANCELLED", tmp_path / "7_0_0_log.err")
+    metrics = read_metrics(job)
+    assert (metrics["status"], metrics["slurm_state"], metrics["best"]) == ("failed", "CANCELLED", {"val/acc1": 0.5})
+    assert metrics["wall_time_s"] >= earlier["wall_time_s"]
+    assert "SLURM ended job 7_0 with state CANCELLED" in (job / "FAILED").read_text()
+    done = tmp_path / "1_x=2"
+    done.mkdir()
+    RunRecord(done, ["x=2"]).completed({"val/acc1": 0.7}, {"val/acc1": 0.7}, None)
+    record_ended_job(done, ["x=2"], "7_1", "COMPLETED", tmp_path / "7_1_0_log.err")
+    assert read_metrics(done)["status"] == "completed" and not (done / "FAILED").exists()
+
+
+def test_resumed_attempt_of_a_requeued_job_counts_the_earlier_wall_time(tmp_path):
+    first = RunRecord(tmp_path, [])
+    first.started -= 30.0  # the first attempt ran 30 s before SLURM requeued it
+    first.requeued({"val/acc1": 0.5})
+    RunRecord(tmp_path, []).completed({}, {"val/acc1": 0.6}, None)
+    metrics = read_metrics(tmp_path)
+    assert metrics["status"] == "completed" and 30.0 <= metrics["wall_time_s"] < 60.0
