@@ -107,8 +107,9 @@ def test_study_of_another_direction_is_one_line(tmp_path):
         open_study(storage, "train", "up", None, "here")
 
 
-def test_dead_trials_fail_and_run_once_more(tmp_path):
-    storage = open_storage(str(tmp_path / "optuna.journal"))
+@pytest.mark.parametrize("url", ["{tmp}/optuna.journal", "sqlite:///{tmp}/optuna.db"])
+def test_dead_trials_fail_and_run_once_more(tmp_path, url):
+    storage = open_storage(url.format(tmp=tmp_path))
     study = open_study(storage, "s", "max", optuna.samplers.RandomSampler(seed=0), "here")
     space = {"x": FloatDistribution(0.0, 1.0)}
     assert trials_to_start(study, n_trials=3, n_jobs=2) == 2
@@ -235,9 +236,10 @@ def test_search_with_two_workers_survives_a_killed_worker_and_continues(tmp_path
 @pytest.mark.slow
 def test_failed_jobs_are_fail_trials_and_the_search_goes_on(tmp_path):
     sweep = tmp_path / "search"
-    result = run_cli([*SEARCH, f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=2", "data.digit_size=99"],
-                     cwd=tmp_path)
+    result = run_cli([*SEARCH, f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
+                      "data.digit_size=99"], cwd=tmp_path)
     assert result.returncode == 1
+    assert "Launching 2 jobs locally" in result.stdout  # n_jobs trials at a time, through the active launcher
     assert "2 job(s) of the sweep failed" in result.stderr
     assert [t.state.name for t in _study(sweep).trials] == ["FAIL", "FAIL"]
     assert sorted(read_metrics(job)["status"] for job in sweep.glob("*_*")) == ["failed", "failed"]
