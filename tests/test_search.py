@@ -181,7 +181,7 @@ def _kill_during_its_second_trial(worker: subprocess.Popen, sweep: Path) -> optu
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and worker.poll() is None:
         mine = [t for t in _study(sweep).trials if t.system_attrs.get(WORKER_KEY, "").endswith(f":{worker.pid}")] \
-            if (sweep / "optuna.journal").is_file() else []
+            if (sweep / SEARCH_RECORD).is_file() else []  # written once the study exists
         running = [t for t in mine if t.state.name == "RUNNING" and list(sweep.glob(f"{t.number}_*/run_info.json"))]
         if running and any(t.state.name == "COMPLETE" for t in mine):
             os.killpg(worker.pid, signal.SIGKILL)
