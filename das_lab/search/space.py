@@ -73,7 +73,7 @@ def _interval(override: Override, line: str) -> Any:
 
 def parse_space(params: Mapping[str, Any], arguments: Sequence[str]) -> SearchSpace:
     """The space from the config's ``params`` and the command line (which wins for a key in both)."""
-    lines = {**{str(k): f"{k}={v}" for k, v in params.items()}}
+    lines = {str(key): f"{key}={value}" for key, value in params.items()}
     for argument in arguments:
         lines[argument.partition("=")[0].lstrip("+~")] = argument
     space = SearchSpace()
