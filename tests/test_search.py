@@ -24,6 +24,7 @@ from das_lab.search.space import parse_space
 from das_lab.search.study import (
     HEARTBEAT_KEY,
     WORKER_KEY,
+    check_heartbeat,
     fail_and_retry,
     fail_stale_trials,
     finish_trial,
@@ -105,6 +106,13 @@ def test_study_of_another_direction_is_one_line(tmp_path):
                                        "this search would maximize it")
     with pytest.raises(SearchConfigError, match="expected max or min"):
         open_study(storage, "train", "up", None, "here")
+
+
+def test_grace_period_must_outlast_the_heartbeat():
+    check_heartbeat(60, 180)
+    with pytest.raises(SearchConfigError) as error:
+        check_heartbeat(60, 30)
+    assert _one_line(error).endswith("else live trials count as dead")
 
 
 @pytest.mark.parametrize("url", ["{tmp}/optuna.journal", "sqlite:///{tmp}/optuna.db"])

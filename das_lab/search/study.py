@@ -71,6 +71,15 @@ def open_study(storage: Any, study_name: str, direction: str, sampler: Any, wher
     return study
 
 
+def check_heartbeat(heartbeat_interval: float, grace_period: float) -> None:
+    """A grace period shorter than the beat would fail trials whose workers are alive."""
+    if not 0 < heartbeat_interval < grace_period:
+        raise SearchConfigError(
+            f"hydra.sweeper.heartbeat_interval={heartbeat_interval}, grace_period={grace_period}: expected "
+            f"0 < heartbeat_interval < grace_period (e.g. 60 and 180 seconds), else live trials count as dead"
+        )
+
+
 def worker_name() -> str:
     """Who runs a trial: host and process id, recorded on each trial for the report."""
     return f"{socket.gethostname()}:{os.getpid()}"

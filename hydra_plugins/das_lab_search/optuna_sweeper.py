@@ -25,6 +25,7 @@ from das_lab.search import SearchConfigError, import_optuna
 from das_lab.search.space import parse_space
 from das_lab.search.study import (
     Heartbeat,
+    check_heartbeat,
     fail_and_retry,
     fail_stale_trials,
     finish_trial,
@@ -86,6 +87,7 @@ class OptunaSearchSweeper(Sweeper):
 
     def _search(self, arguments: list[str]) -> list[JobReturn]:
         import_optuna()
+        check_heartbeat(self.heartbeat_interval, self.grace_period)
         space = parse_space(self.params, arguments)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
