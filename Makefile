@@ -1,5 +1,5 @@
 # das-lab: `make train` runs the default experiment, `make test` the whole test suite.
-# Both create .venv and install das-lab into it on first use.
+# Both create .venv and install das-lab (with its search extra) into it on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,8 @@ STAMP := $(VENV)/.das-lab-installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip uninstall --quiet -y hydra-optuna-sweeper  # replaced by das-lab's sweeper (Optuna >= 4)
+	$(BIN)/python -m pip install --quiet -e '.[test,search]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -18,7 +19,7 @@ train: $(STAMP)
 	$(BIN)/das-lab train
 
 lint: $(STAMP)
-	$(BIN)/ruff check das_lab tests benchmarks
+	$(BIN)/ruff check das_lab hydra_plugins tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest

@@ -330,8 +330,12 @@ def build_report(folders: Sequence[Path], out_dir: Path) -> str:
     if summary:
         lines += ["", "## Mean ± std over seeds", "", summary]
     lines += [line for plot in plots for line in ("", f"![{plot.stem}]({plot.name})")]
+    from das_lab.search.report import search_section
+
+    searches = [section for folder in folders if (section := search_section(folder, out_dir)) is not None]
+    lines += [line for section in searches for line in section]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    return text
+    return "\n".join([text, *(line for section in searches for line in section if not line.startswith("!["))])
 
 
 def main(args: Sequence[str]) -> int:

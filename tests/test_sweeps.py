@@ -1,18 +1,14 @@
-"""Sweeps: ablation grids, the Optuna search (resumable, failures recorded) and the SLURM/submitit launchers."""
+"""Sweeps: ablation grids and the SLURM/submitit launchers (the Optuna search: test_search.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
-import optuna
 import pytest
-import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -21,16 +17,7 @@ from das_lab.cli import _register_resolvers
 from das_lab.config import config_dir
 from das_lab.run import RunRecord
 from das_lab.slurm import record_ended_job
-from das_lab.sweeps import (
-    MAX_DIRNAME,
-    SWEPT_KEYS_ENV,
-    NanObjectiveFailsTrial,
-    SweepFolder,
-    failed_jobs,
-    job_dirname,
-    sqlite_storage,
-    swept_keys,
-)
+from das_lab.sweeps import MAX_DIRNAME, SWEPT_KEYS_ENV, SweepFolder, failed_jobs, job_dirname, swept_keys
 
 # one training and one validation step per job, no test
 FAST = [*TINY, "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false"]
@@ -97,63 +84,6 @@ def test_slurm_launcher_follows_the_trainer(compose_train):
     local = OmegaConf.to_container(compose_train("hydra/launcher=slurm_local", "hydra.sweep.dir=/s").hydra.launcher,
                                    resolve=True)
     assert local["_target_"].endswith("LocalLauncher") and local["tasks_per_node"] == 1 and local["nodes"] == 1
-
-
-def test_optuna_direction_follows_monitor_mode(compose_train, tmp_path):
-    cfg = compose_train("hparams_search=optuna", f"hydra.sweep.dir={tmp_path}/sweep")
-    assert cfg.hydra.sweeper.direction == "maximize"
-    minimising = compose_train("hparams_search=optuna", "monitor=val/loss", "monitor_mode=min")
-    assert minimising.hydra.sweeper.direction == "minimize"
-    assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "model.drop_path_rate"}
-    assert instantiate(cfg.hydra.sweeper.storage) == f"sqlite:///{tmp_path}/sweep/optuna.db"
-    assert (tmp_path / "sweep").is_dir()
-
-
-def test_sqlite_storage_creates_its_folder(tmp_path):
-    assert sqlite_storage(str(tmp_path / "a" / "b" / "s.db")) == f"sqlite:///{tmp_path}/a/b/s.db"
-    assert (tmp_path / "a" / "b").is_dir()
-
-
-def test_nan_objective_becomes_no_value():
-    config = OmegaConf.create({"hydra": {"job": {"num": 3}}})
-    callback = NanObjectiveFailsTrial()
-    for value, expected in ((float("nan"), None), (0.5, 0.5)):
-        job = JobReturn(status=JobStatus.COMPLETED, _return_value=value)
-        callback.on_job_end(config, job)
-        assert job.return_value == expected
-
-
-def _trials(sweep):
-    study = optuna.load_study(study_name="train", storage=f"sqlite:///{sweep}/optuna.db")
-    return [(t.state.name, t.value, t.params) for t in study.trials]
-
-
-@pytest.mark.slow
-def test_optuna_search_resumes_and_records_failed_trials(tmp_path):
-    args = ["train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "model=resnet_tiny", *FAST]
-    first = run_cli(args, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    (sweep,) = (tmp_path / "multirun").glob("*/*")
-    trials = _trials(sweep)
-    assert [state for state, _, _ in trials] == ["COMPLETE", "COMPLETE"]
-    jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
-    for (_, value, params), job in zip(trials, jobs):
-        metrics = read_metrics(job)
-        assert value == pytest.approx(metrics["best"]["val/acc1"])
-        assert f"optimizer.lr={params['optimizer.lr']}" in metrics["overrides"]
-        assert 1e-4 <= params["optimizer.lr"] <= 1e-2 and 0 <= params["model.drop_path_rate"] <= 0.3
-
-    resumed = run_cli([*args, f"hydra.sweep.dir={sweep}", "data.digit_size=99"], cwd=tmp_path)
-    assert resumed.returncode == 1  # the failed jobs are reported, after the search went on
-    assert "Using an existing study with name 'train'" in resumed.stderr
-    assert "2 job(s) of the sweep failed" in resumed.stderr
-    trials = _trials(sweep)
-    assert [state for state, _, _ in trials] == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
-    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert results["best_value"] == pytest.approx(max(v for s, v, _ in trials if s == "COMPLETE"))
-    statuses = sorted(json.loads((p / "metrics.json").read_text())["status"] for p in sweep.iterdir()
-                      if (p / "metrics.json").is_file())
-    assert statuses == ["completed", "completed", "failed", "failed"]
 
 
 @pytest.mark.slow
