@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cli_helpers import run_cli, run_dirs
-from das_lab.cli import UserError
+from das_lab.errors import UserError
 from das_lab.config import config_dir
 from das_lab.profile import growth_exponent, model_config, resolution_curve
 
