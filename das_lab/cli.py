@@ -62,8 +62,11 @@ def _rank_overrides() -> list[str]:
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
+    from das_lab.config import config_groups_help
+
     OmegaConf.register_new_resolver("das_lab_short", short_dirname, replace=True)
     OmegaConf.register_new_resolver("das_lab_run_stamp", run_stamp, replace=True)
+    OmegaConf.register_new_resolver("das_lab_config_groups", config_groups_help, replace=True)
 
 
 def train_main(args: Sequence[str]) -> int:

@@ -30,6 +30,19 @@ def config_dir() -> Path:
     )
 
 
+def config_groups_help(config_name: str) -> str:
+    """``group: option, ...`` for each group that ``conf/<config_name>.yaml`` composes (its --help)."""
+    defaults = OmegaConf.load(config_dir() / f"{config_name}.yaml").get("defaults", [])
+    groups = [next(iter(entry)) for entry in defaults if isinstance(entry, DictConfig)]
+    lines = []
+    for group in groups:
+        if group.startswith(("hydra", "override ")):
+            continue
+        options = sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
+        lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
 def check_config(cfg: DictConfig, overrides: Sequence[str], choices: Mapping[str, Any]) -> None:
     """Refuse, in one line, what no run could use: missing required values, added top-level keys that
     no config reads, and constructor arguments (``_target_`` nodes) of the wrong name or type."""

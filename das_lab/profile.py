@@ -103,7 +103,8 @@ def peak_memory_mib(step: Callable[[], Any], device: torch.device) -> float:
         return (torch.cuda.max_memory_allocated(device) - base) / MIB
     if device.type != "cpu":
         return math.nan
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start-up notices are not for the user
+    # kineto's levels end with USDT=5 (its profiler_start/stop lines); 6 silences them, read at each start
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
         step()
     allocations = sorted(

@@ -206,5 +206,6 @@ def test_cli_trains_and_tests_a_detector(coco_root: Path, tmp_path: Path) -> Non
     (eval_dir,) = [p for p in (tmp_path / "outputs").glob("*/*") if p != run_dir]
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     assert evaluated["final"]["test/map"] == pytest.approx(metrics["final"]["test/map"], abs=1e-6)
+    assert metrics["gflops"] is not None and evaluated["gflops"] == pytest.approx(metrics["gflops"])
     for split in ("val", "test"):
         assert isinstance(json.loads((eval_dir / f"detections_{split}.json").read_text()), list)

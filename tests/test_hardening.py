@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 LONG = [
     *[arg for arg in TINY if not arg.startswith(("trainer.max_epochs", "trainer.limit_train"))],
     "model=resnet_tiny",
-    "trainer.max_epochs=3",
-    "trainer.limit_train_batches=40",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=20",
     "test=false",
 ]
 
@@ -39,10 +39,16 @@ def _wait_for(path_glob: str, root: Path, process: subprocess.Popen, timeout: fl
 
 
 def _popen(args: list[str], cwd: Path) -> subprocess.Popen:
+    """``das-lab ARGS`` in the background; its stderr goes to ``cwd/stderr.txt`` (a pipe nobody reads would fill)."""
     env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "HYDRA_FULL_ERROR")}
     env["DAS_LAB_LOGS"] = str(cwd)
-    return subprocess.Popen([DAS_LAB, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    with open(cwd / "stderr.txt", "w") as stderr:
+        return subprocess.Popen([DAS_LAB, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def _finish(process: subprocess.Popen, cwd: Path) -> str:
+    process.wait(timeout=300)
+    return (cwd / "stderr.txt").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +78,12 @@ def test_diverging_das_model_stops_in_one_line_with_records(tmp_path):
 
 
 def test_sweep_records_a_job_killed_by_a_signal_and_goes_on(tmp_path):
-    process = _popen(["train", "-m", *LONG, "model=das_resnet_tiny", "optimizer.lr=1e3,1e-3,2e-3"], tmp_path)
+    steps = [arg for arg in TINY if not arg.startswith("trainer.limit_train")] + ["trainer.limit_train_batches=20"]
+    process = _popen(["train", "-m", *steps, "test=false", "optimizer.lr=1e3,1e-3,2e-3"], tmp_path)
     job_one = _wait_for("multirun/*/*/1_*/.hydra", tmp_path, process)
     (child,) = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
     os.kill(int(child), signal.SIGSEGV)  # what torchvision's CPU deform_conv2d did on NaN offsets
-    _, stderr = process.communicate(timeout=300)
+    stderr = _finish(process, tmp_path)
     assert process.returncode == 1, stderr[-3000:]
     assert "2 job(s) of the sweep failed" in stderr
     diverged, killed, completed = sorted(job_one.parent.parent.glob("[012]_*"))
@@ -95,7 +102,7 @@ def test_signal_records_interrupted_and_prints_the_resume_command(tmp_path, sign
     process = _popen(["train", *LONG], tmp_path)
     last = _wait_for("outputs/*/*/checkpoints/last.ckpt", tmp_path, process)
     process.send_signal(signum)
-    _, stderr = process.communicate(timeout=120)
+    stderr = _finish(process, tmp_path)
     assert process.returncode == 128 + signum, stderr[-3000:]
     run_dir = last.parent.parent
     metrics = read_metrics(run_dir)

@@ -60,7 +60,7 @@ class ProcessLauncher(Launcher):
             job_file.write_bytes(cloudpickle.dumps(
                 (self.hydra_context, self.task_function, sweep_config, Singleton.get_state())
             ))
-            process = subprocess.Popen([sys.executable, "-m", "das_lab.launcher", str(job_file), str(result_file)])
+            process = subprocess.Popen([sys.executable, "-m", __name__, str(job_file), str(result_file)])
             returncode, stop = _wait(process)
             result = cloudpickle.loads(result_file.read_bytes()) if result_file.is_file() else None
         if stop is not None and (result is None or result.status == JobStatus.COMPLETED):
