@@ -81,14 +81,9 @@ def _scalar_types(hint: Any) -> Optional[tuple[type, ...]]:
     return arms if arms and all(arm in (int, float, bool) for arm in arms) else None
 
 
-def _fits(value: Any, types: tuple[type, ...]) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, bool):
-        return bool in types
-    if isinstance(value, int):
-        return int in types or float in types
-    return isinstance(value, float) and float in types
+def _fits(value: Any) -> bool:
+    """Numbers and booleans stand in for each other (libraries annotate ``int`` and take 0.5); text does not."""
+    return value is None or isinstance(value, (int, float, bool))
 
 
 def _check_targets(node: Any, path: str) -> None:
@@ -125,7 +120,8 @@ def _check_arguments(node: DictConfig, path: str) -> None:
             if open_ended:
                 continue
             choices = [name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
-            raise ConfigError(f"{path}{key}: not an argument of {target}{did_you_mean(key, choices)}")
+            hint = did_you_mean(key, choices) or f"; its arguments: {', '.join(choices)}"
+            raise ConfigError(f"{path}{key}: not an argument of {target}{hint}")
         types = _scalar_types(hints.get(key))
         if types is None:
             continue
@@ -133,6 +129,6 @@ def _check_arguments(node: DictConfig, path: str) -> None:
             value = node[key]
         except Exception:  # an interpolation that does not resolve yet; instantiation will say so
             continue
-        if not _fits(value, types):
+        if not _fits(value):
             expected = " or ".join(t.__name__ for t in types)
             raise ConfigError(f"{path}{key}={value!r}: expected {expected} (argument '{key}' of {target})")
