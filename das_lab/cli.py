@@ -1,4 +1,5 @@
-"""The ``das-lab`` command: pick a subcommand, hand the remaining arguments to it.
+"""The ``das-lab`` command: pick a subcommand, hand the remaining arguments to it (each runs inside
+das_lab.command's run wrapper).
 
 Heavy libraries (torch, Lightning, W&B) are imported only by the subcommand that runs, so
 ``das-lab --help`` answers at once.
@@ -7,10 +8,11 @@ Heavy libraries (torch, Lightning, W&B) are imported only by the subcommand that
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
+
+from das_lab.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("das_lab.cli:train_main", "train a model (Hydra overrides, +experiment=NAME, -m for sweeps)"),
@@ -23,37 +25,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 USAGE = "usage: das-lab <command> [arguments]   (das-lab <command> --help for its options)"
 
-_failed_jobs: list[str] = []
-log = logging.getLogger("das_lab")
-
-
-class UserError(Exception):
-    """A problem with the user's input, reported without a traceback."""
-
-
-def _user_facing(error: BaseException) -> Optional[str]:
-    """The message for errors that come from input (config values, files), else None.
-
-    Such errors are reported without a traceback; a message spans several lines only when the
-    lines are the point (an expected folder tree, a list of mismatched checkpoint keys).
-    """
-    from hydra.errors import InstantiationException
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-    from das_lab.data.image_io import CorruptImageError
-    from das_lab.models.weights import WeightsMismatchError
-
-    if isinstance(error, MissingMandatoryValue):
-        key = getattr(error, "full_key", None) or "a required value"
-        return f"missing required value '{key}': pass {key}=VALUE on the command line"
-    if isinstance(error, InstantiationException) and error.__cause__ is not None:
-        target = str(error).splitlines()[0]
-        return f"{type(error.__cause__).__name__}: {error.__cause__} ({target.rstrip(':')})"
-    if isinstance(
-        error, (UserError, FileNotFoundError, CorruptImageError, WeightsMismatchError, ValueError, OmegaConfBaseException)
-    ):
-        return str(error) or type(error).__name__
-    return None
 
 
 def run_stamp(now: str) -> str:
@@ -81,84 +52,26 @@ def _rank_overrides() -> list[str]:
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
+    from das_lab.config import config_groups_help
     from das_lab.sweeps import job_dirname
 
     OmegaConf.register_new_resolver("das_lab_short", job_dirname, replace=True)
     OmegaConf.register_new_resolver("das_lab_run_stamp", run_stamp, replace=True)
-
-
-def _guarded(task: Callable[[Any], Optional[float]]) -> Callable[[Any], Optional[float]]:
-    """Report failures: one line for input errors; in a sweep, record the job and go on."""
-
-    def run(cfg: Any) -> Optional[float]:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        try:
-            return task(cfg)
-        except Exception as error:
-            hydra_cfg = HydraConfig.get()
-            run_dir = hydra_cfg.runtime.output_dir
-            message = _user_facing(error)
-            if hydra_cfg.mode == RunMode.MULTIRUN:
-                _failed_jobs.append(run_dir)
-                log.error("job %s failed: %s (see %s/FAILED)", hydra_cfg.job.num, message or error, run_dir)
-                return float("nan")
-            if message is None:
-                raise
-            print(f"das-lab: error: {message}\n  (full traceback: {run_dir}/FAILED)", file=sys.stderr)
-            sys.exit(2)
-
-    run.__module__ = task.__module__
-    run.__qualname__ = task.__qualname__
-    return run
-
-
-def run_hydra(task: Callable[[Any], Optional[float]], config_name: str, command: str, args: Sequence[str]) -> int:
-    """Run ``task`` as a Hydra app on das-lab's configs with ``args`` as its command line.
-
-    ``sys.argv`` stays the real command line (``das-lab train ...``): Lightning's DDP launcher
-    re-runs it for the other ranks, pointing them at this run's folder.
-    """
-    from hydra import version
-    from hydra._internal.utils import _run_hydra, get_args_parser
-    from hydra.core.utils import _flush_loggers
-
-    from das_lab.config import config_dir
-    from das_lab.sweeps import SweepFolder, failed_jobs
-
-    _register_resolvers()
-    _failed_jobs.clear()
-    SweepFolder.last = None
-    version.setbase("1.3")
-    parser = get_args_parser()
-    parser.prog = f"das-lab {command}"
-    parsed = parser.parse_args([*args, *_rank_overrides()])
-    _run_hydra(
-        args=parsed,
-        args_parser=parser,
-        task_function=_guarded(task),
-        config_path=str(config_dir()),
-        config_name=config_name,
-    )
-    _flush_loggers()
-    failed = set(_failed_jobs) | set(failed_jobs(SweepFolder.last) if SweepFolder.last else [])
-    if failed:
-        print(f"das-lab: {len(failed)} job(s) of the sweep failed:", *sorted(failed), sep="\n  ", file=sys.stderr)
-        return 1
-    return 0
+    OmegaConf.register_new_resolver("das_lab_config_groups", config_groups_help, replace=True)
 
 
 def train_main(args: Sequence[str]) -> int:
+    from das_lab.command import run_command
     from das_lab.train import train
 
-    return run_hydra(train, "train", "train", args)
+    return run_command(train, "train", "train", args)
 
 
 def eval_main(args: Sequence[str]) -> int:
+    from das_lab.command import run_command
     from das_lab.evaluate import evaluate
 
-    return run_hydra(evaluate, "eval", "eval", args)
+    return run_command(evaluate, "eval", "eval", args)
 
 
 def data_main(args: Sequence[str]) -> int:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import lightning as L
 import torch
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from das_lab.callbacks.checkpoint_state import CONFIG_KEY
+from das_lab.errors import CheckpointError
 from das_lab.models.weights import WeightsMismatchError, compare_state_dicts
 from das_lab.utils.flops import count_gmacs, count_params
 
@@ -25,8 +27,10 @@ STORED_GROUPS = ("data", "model", "task", "optimizer", "scheduler")
 
 def stored_config(cfg: DictConfig) -> dict[str, Any]:
     """The part of a run's config that describes the model and its data, fully resolved."""
-    return {key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
-            for key in STORED_GROUPS}
+    stored = {key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
+              for key in STORED_GROUPS}
+    stored["flops_image_size"] = cfg.get("flops_image_size")
+    return stored
 
 
 def is_rank_zero() -> bool:
@@ -80,26 +84,47 @@ def scalar_metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> dict[str, O
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; a missing file is a clear error."""
+    """Load a checkpoint with ``weights_only=True``; a missing, truncated or pickled file is a clear error."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (check ckpt_path; runs keep theirs in <run>/checkpoints/)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"checkpoint not found: {path} (check ckpt_path; runs keep theirs in <run>/checkpoints/)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} holds pickled Python objects besides tensors, so it is not loaded (weights_only=True); "
+            f"das-lab reads checkpoints written by `das-lab train` (use init_from=<file> for plain weights)"
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or not written by torch.save: "
+            f"{str(error).splitlines()[0]}); point ckpt_path at a complete .ckpt file"
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
 
 
 def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any], path: str | Path) -> None:
     """Fail before training or evaluating when a checkpoint was made for another network."""
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict'); use init_from=<file> for plain weights")
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict'); use init_from=<file> for plain weights")
     report = compare_state_dicts(module.state_dict(), state, str(path))
     if not report.clean:
         raise WeightsMismatchError(report)
 
 
-def restore_checkpoint(
-    ckpt_path: str | Path, data_replacements: Optional[DictConfig] = None
-) -> tuple[DictConfig, nn.Module, L.LightningModule]:
+class Restored(NamedTuple):
+    """What a das-lab checkpoint rebuilds: its data config, backbone, task module and GFLOPs input size."""
+
+    data: DictConfig
+    net: nn.Module
+    module: L.LightningModule
+    flops_image_size: Optional[int]
+
+
+def restore_checkpoint(ckpt_path: str | Path, data_replacements: Optional[DictConfig] = None) -> Restored:
     """A das-lab checkpoint's data config, backbone and task module, rebuilt from its stored config.
 
     ``data_replacements`` override data keys (``None`` values keep the stored ones), e.g. a moved
@@ -108,7 +133,7 @@ def restore_checkpoint(
     checkpoint = read_checkpoint(ckpt_path)
     stored = checkpoint.get(CONFIG_KEY)
     if stored is None:
-        raise ValueError(
+        raise CheckpointError(
             f"{ckpt_path} has no '{CONFIG_KEY}' entry: it was not written by `das-lab train`. "
             "Use init_from=<file> with `das-lab train` to start from foreign weights."
         )
@@ -128,4 +153,4 @@ def restore_checkpoint(
                 f"drop data.{key} (replaceable here: {', '.join(k for k in data_replacements if k in data_cfg)})"
             )
         data_cfg[key] = value
-    return data_cfg, net, module
+    return Restored(data_cfg, net, module, stored.get("flops_image_size", data_cfg.get("image_size")))

@@ -23,7 +23,6 @@ import math
 import os
 import statistics
 import time
-import traceback
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -39,12 +38,12 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
-from das_lab.cli import UserError, run_hydra
+from das_lab.command import Outcome, Run, run_command
 from das_lab.config import config_dir
 from das_lab.models.builder import compose_model_config
 from das_lab.models.das import DASGate
+from das_lab.errors import UserError
 from das_lab.models.dat import DeformableAttention
-from das_lab.run import RunRecord
 from das_lab.utils.flops import count_flops, count_params
 
 PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,7 +104,8 @@ def peak_memory_mib(step: Callable[[], Any], device: torch.device) -> float:
         return (torch.cuda.max_memory_allocated(device) - base) / MIB
     if device.type != "cpu":
         return math.nan
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start-up notices are not for the user
+    # kineto's levels end with USDT=5 (its profiler_start/stop lines); 6 silences them, read at each start
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
         step()
     allocations = sorted(
@@ -374,23 +374,15 @@ def model_config(cfg: DictConfig, name: str) -> DictConfig:
 # ----------------------------------------------------------------------------- the command
 
 
-def profile(cfg: DictConfig) -> None:
+def profile(cfg: DictConfig, run: Run) -> Outcome:
     """Print the model table (and the resolution curve) and write them to the run folder."""
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        _profile(cfg, out_dir)
-    except Exception as error:
-        RunRecord(out_dir, []).failed_path.write_text("".join(traceback.format_exception(error)))
-        raise
-
-
-def _profile(cfg: DictConfig, out_dir: Path) -> None:
+    out_dir = run.dir
     settings = cfg.profile
     device = resolve_device(str(settings.device))
     image_size, batch = int(settings.image_size), int(settings.batch_size)
     chosen = HydraConfig.get().runtime.choices.get("model", "model")
     configs = {str(name): model_config(cfg, str(name)) for name in settings.compare} or {chosen: cfg.model}
+    run.start()
     print(f"das-lab profile on {device} ({torch.get_num_threads()} threads), {image_size}px, batch {batch}, "
           f"{settings.precision}{', channels_last' if settings.channels_last else ''}; "
           f"median of {settings.repeats} after {settings.warmup} warm-up; GFLOPs = GMACs at batch 1", flush=True)
@@ -429,8 +421,9 @@ def _profile(cfg: DictConfig, out_dir: Path) -> None:
         plot_curve(points, files[2], f"cost vs resolution: {settings.layer_width} channels at stride "
                                      f"{settings.layer_stride} on {device.type}")
     print("\nwritten: " + ", ".join(str(f) for f in files))
+    return Outcome()
 
 
 def main(args: Sequence[str]) -> int:
     """``das-lab profile [hydra overrides]``."""
-    return run_hydra(profile, "profile", "profile", args)
+    return run_command(profile, "profile", "profile", args)

@@ -17,14 +17,14 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from das_lab.atomic_io import write_text_atomic
+
 PACKAGES = ("das-lab", "torch", "torchvision", "lightning", "timm", "torchmetrics", "hydra-core", "omegaconf", "wandb")
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON through a temporary file so a crash never leaves a half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def _is_lower_better(metric: str) -> bool:
@@ -172,7 +172,7 @@ class RunRecord:
             return
         text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.failed_path.write_text(text)
+        write_text_atomic(self.failed_path, text)
         payload = self._payload("failed", {}, best or {}, None)
         payload["error"] = f"{type(error).__name__}: {error}"
         payload.update(extra or {})
@@ -182,3 +182,14 @@ class RunRecord:
         """A SLURM job waiting to restart (preempted or out of time): it resumes from its last checkpoint."""
         self.failed_path.unlink(missing_ok=True)
         write_json_atomic(self.metrics_path, self._payload("requeued", {}, best or {}, None))
+
+    def interrupted(self, signal_name: str, best: Optional[dict[str, float]] = None) -> None:
+        """metrics.json ``interrupted`` (SIGINT/SIGTERM), keeping what was measured; no FAILED: nothing broke."""
+        from das_lab.slurm import requeue_requested
+
+        if requeue_requested():
+            self.requeued(best)
+            return
+        payload = self._payload("interrupted", {}, best or {}, None)
+        payload["error"] = f"interrupted by {signal_name}"
+        write_json_atomic(self.metrics_path, payload)

@@ -1,4 +1,4 @@
-"""``das-lab train``: fit a model, test its best checkpoint, write metrics.json."""
+"""``das-lab train``: fit a model, test its best checkpoint; the run wrapper writes metrics.json."""
 
 from __future__ import annotations
 
@@ -7,27 +7,31 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from das_lab.callbacks.checkpoint_state import ConfigInCheckpoint, RngStateInCheckpoint
-from das_lab.loggers import WandbIdInCheckpoint, close_loggers, with_resumed_wandb_id
+from das_lab.command import Outcome, Run
+from das_lab.loggers import WandbIdInCheckpoint, with_resumed_wandb_id
 from das_lab.models.weights import load_weights
 from das_lab.pipeline import (
     build_module,
     check_checkpoint_fits,
     instantiate_group,
-    is_rank_zero,
     model_cost,
     read_checkpoint,
     scalar_metrics,
     stored_config,
 )
-from das_lab.run import MetricHistory, RunRecord
+from das_lab.run import MetricHistory
 
 log = logging.getLogger(__name__)
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """Where a run keeps the checkpoint that ``ckpt_path=last`` resumes from."""
+    return run_dir / "checkpoints" / "last.ckpt"
 
 
 def resolve_resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
@@ -36,7 +40,7 @@ def resolve_resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str
     if ckpt_path is None:
         return None
     if ckpt_path in ("last", "auto"):
-        path = run_dir / "checkpoints" / "last.ckpt"
+        path = last_checkpoint(run_dir)
         if ckpt_path == "auto" and not path.is_file():
             return None
         if not path.is_file():
@@ -50,53 +54,41 @@ def resolve_resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str
     return str(Path(ckpt_path).expanduser())
 
 
-def train(cfg: DictConfig) -> Optional[float]:
-    """Run one training job; returns the best value of ``cfg.monitor`` for sweepers."""
-    run_dir = Path(cfg.paths.output_dir)
-    writer = is_rank_zero()
-    record = RunRecord(run_dir, HydraConfig.get().overrides.task)
+def train(cfg: DictConfig, run: Run) -> Outcome:
+    """Run one training job; its objective (best ``cfg.monitor``) goes to sweepers."""
     history = MetricHistory()
-    loggers: list = []
-    try:
-        if writer:
-            record.write_environment()
-        L.seed_everything(cfg.seed, workers=True)
-        resume_from = resolve_resume_path(cfg.get("ckpt_path"), run_dir)
-        resume_state = read_checkpoint(resume_from) if resume_from else None
-        datamodule = instantiate(cfg.data)
-        net, module = build_module(cfg.model, cfg.task, cfg.optimizer, cfg.get("scheduler"))
-        if cfg.get("init_from"):
-            load_weights(net, cfg.init_from, strict=False)
-        if resume_state is not None:
-            check_checkpoint_fits(module, resume_state, resume_from)
-        record.params, record.gflops = model_cost(net, cfg.get("flops_image_size"))
-        log.info("model %s: %.2fM params, %s GFLOPs", type(net).__name__, record.params / 1e6, record.gflops)
-        loggers = instantiate_group(with_resumed_wandb_id(cfg.get("logger"), resume_state))
-        stored = stored_config(cfg)
-        callbacks = [
-            *instantiate_group(cfg.get("callbacks")),
-            history,
-            ConfigInCheckpoint(stored),
-            RngStateInCheckpoint(),
-            WandbIdInCheckpoint(loggers),
-        ]
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-        for logger in trainer.loggers:
-            logger.log_hyperparams({**stored, "params": record.params, "gflops": record.gflops})
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-        final = scalar_metrics(trainer, ("train/", "val/"))
-        checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
-        best_path = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
-        if cfg.get("test"):
-            trainer.test(module, datamodule=datamodule, ckpt_path=best_path, weights_only=True)
-            final.update(scalar_metrics(trainer, ("test/",)))
-        if writer:
-            record.completed(final, history.best(), best_path)
-            log.info("run folder: %s (metrics.json, checkpoints/, csv/)", run_dir)
-        close_loggers(loggers, failed=False)
-    except BaseException as error:
-        if writer:
-            record.failed(error, history.best())
-        close_loggers(loggers, failed=True)
-        raise
-    return history.best().get(cfg.monitor)
+    run.measured = history.best
+    run.resume_checkpoint = last_checkpoint(run.dir)
+    L.seed_everything(cfg.seed, workers=True)
+    resume_from = resolve_resume_path(cfg.get("ckpt_path"), run.dir)
+    resume_state = read_checkpoint(resume_from) if resume_from else None
+    datamodule = instantiate(cfg.data)
+    net, module = build_module(cfg.model, cfg.task, cfg.optimizer, cfg.get("scheduler"))
+    if cfg.get("init_from"):
+        load_weights(net, cfg.init_from, strict=False)
+    if resume_state is not None:
+        check_checkpoint_fits(module, resume_state, resume_from)
+    record = run.record
+    record.params, record.gflops = model_cost(net, cfg.get("flops_image_size"))
+    log.info("model %s: %.2fM params, %s GFLOPs", type(net).__name__, record.params / 1e6, record.gflops)
+    run.loggers = instantiate_group(with_resumed_wandb_id(cfg.get("logger"), resume_state))
+    stored = stored_config(cfg)
+    callbacks = [
+        *instantiate_group(cfg.get("callbacks")),
+        history,
+        ConfigInCheckpoint(stored),
+        RngStateInCheckpoint(),
+        WandbIdInCheckpoint(run.loggers),
+    ]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=run.loggers or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({**stored, "params": record.params, "gflops": record.gflops})
+    run.start()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    final = scalar_metrics(trainer, ("train/", "val/"))
+    checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
+    best_path = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
+    if cfg.get("test"):
+        trainer.test(module, datamodule=datamodule, ckpt_path=best_path, weights_only=True)
+        final.update(scalar_metrics(trainer, ("test/",)))
+    return Outcome(final, history.best(), best_path, history.best().get(cfg.monitor))

@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch import Tensor, nn
+from torch import Tensor
 
+from das_lab.command import Outcome, Run, run_command
 from das_lab.data.digits import ClutteredDigits, DigitsDataModule
 from das_lab.data.image_io import read_rgb
+from das_lab.errors import ConfigError
 from das_lab.pipeline import restore_checkpoint
 from das_lab.plots import attention_figures, can_draw, save_figures
 
 log = logging.getLogger(__name__)
-
-
-def load_network(ckpt_path: str) -> tuple[nn.Module, Any]:
-    """The backbone stored in a das-lab checkpoint (weights loaded) and its datamodule (not set up)."""
-    data_cfg, net, _ = restore_checkpoint(ckpt_path)
-    return net, instantiate(data_cfg)
 
 
 def _digits_transform(datamodule: DigitsDataModule) -> Callable[[Tensor], Tensor]:
@@ -45,35 +41,34 @@ def eval_transform(datamodule: Any) -> Callable[[Tensor], Tensor]:
         return _digits_transform(datamodule)
     transform = getattr(datamodule, "eval_transform", None)
     if transform is None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(datamodule).__name__} has no eval_transform: cannot prepare images for this checkpoint's model"
         )
     return transform
 
 
-def visualize(cfg: DictConfig) -> Optional[float]:
+def visualize(cfg: DictConfig, run: Run) -> Outcome:
     """Write the attention figures of ``cfg.ckpt_path`` for ``cfg.images``."""
     images = [cfg.images] if isinstance(cfg.images, str) else list(cfg.images)
     if not images:
-        raise ValueError("images=[]: give at least one image, e.g. images=[a.jpg,b.png]")
+        raise ConfigError("images=[]: give at least one image, e.g. images=[a.jpg,b.png]")
     missing = [path for path in images if not Path(path).expanduser().is_file()]
     if missing:
-        raise FileNotFoundError(f"images not found: {', '.join(map(str, missing))}")
-    net, datamodule = load_network(cfg.ckpt_path)
-    if not can_draw(net):
-        raise ValueError(f"{type(net).__name__} has no DAS gates or deformable sampling: there is nothing to draw")
-    transform = eval_transform(datamodule)
+        raise ConfigError(f"images not found: {', '.join(map(str, missing))}")
+    restored = restore_checkpoint(cfg.ckpt_path)
+    if not can_draw(restored.net):
+        raise ConfigError(f"{type(restored.net).__name__} has no DAS gates or deformable sampling: there is nothing to draw")
+    transform = eval_transform(instantiate(restored.data))
+    run.start()
     inputs = [transform(read_rgb(Path(path).expanduser())) for path in images]
-    out_dir = Path(cfg.out_dir or Path(cfg.paths.output_dir) / "visualizations").expanduser().absolute()
-    figures = attention_figures(net, inputs, [Path(path).name for path in images])
+    out_dir = Path(cfg.out_dir or run.dir / "visualizations").expanduser().absolute()
+    figures = attention_figures(restored.net, inputs, [Path(path).name for path in images])
     paths = save_figures(figures, out_dir)
     log.info("%d figures in %s", len(paths), out_dir)
     print(*paths, sep="\n")
-    return None
+    return Outcome()
 
 
 def main(args: Sequence[str]) -> int:
     """``das-lab visualize ckpt_path=PATH images=[a.jpg,...] [out_dir=DIR]``."""
-    from das_lab.cli import run_hydra
-
-    return run_hydra(visualize, "visualize", "visualize", list(args))
+    return run_command(visualize, "visualize", "visualize", list(args))

@@ -14,8 +14,9 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from das_lab.callbacks.nonfinite import NonFiniteLossError, StopOnNonFiniteLoss
+from das_lab.callbacks.nonfinite import StopOnNonFiniteLoss
 from das_lab.data.base import DataModuleBase
+from das_lab.errors import NonFiniteError
 from das_lab.tasks.classification import ClassificationModule
 
 
@@ -119,5 +120,5 @@ def test_network_without_classes_is_rejected():
 
 def test_non_finite_loss_stops_with_clear_error(tmp_path):
     trainer = _trainer(tmp_path, callbacks=[StopOnNonFiniteLoss()])
-    with pytest.raises(NonFiniteLossError, match=r"train/loss became nan at step \d+ \(epoch 0\); training stopped"):
+    with pytest.raises(NonFiniteError, match=r"train/loss became nan at step \d+ \(epoch 0\); training stopped"):
         trainer.fit(_module(net=TinyNet(poison=True)), TinyData(8))

@@ -105,14 +105,12 @@ def test_failing_job_does_not_stop_the_sweep(tmp_path):
     assert read_metrics(completed)["status"] == "completed"
 
 
-def test_failed_run_leaves_marker_and_one_line_error(tmp_path):
+def test_input_error_is_one_line_and_leaves_no_run_folder(tmp_path):
     result = run_cli(["train", *TINY, "data.digit_size=99"], cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "data.digit_size=99 must lie between 8" in result.stderr
-    (run_dir,) = run_dirs(tmp_path)
-    assert "Traceback" in (run_dir / "FAILED").read_text()
-    assert read_metrics(run_dir)["status"] == "failed"
+    assert not (tmp_path / "outputs").exists()  # nothing ran; a sweep job keeps its FAILED (test above)
 
 
 def test_unknown_config_option_lists_available(tmp_path):

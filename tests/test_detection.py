@@ -244,5 +244,6 @@ def test_cli_trains_and_tests_a_detector(coco_root: Path, tmp_path: Path) -> Non
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     assert evaluated["final"]["test/map"] == pytest.approx(metrics["final"]["test/map"], abs=1e-6)
     assert evaluated["final"]["test/map_large"] is None
+    assert metrics["gflops"] is not None and evaluated["gflops"] == pytest.approx(metrics["gflops"])
     for split in ("val", "test"):
         assert isinstance(json.loads((eval_dir / f"detections_{split}.json").read_text()), list)

@@ -117,7 +117,8 @@ def test_torchrun_ranks_share_one_run_folder(tmp_path):
 
 
 def test_torchrun_without_run_id_is_refused(monkeypatch):
-    from das_lab.cli import UserError, run_stamp
+    from das_lab.cli import run_stamp
+    from das_lab.errors import UserError
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setenv("WORLD_SIZE", "2")

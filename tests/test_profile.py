@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cli_helpers import run_cli, run_dirs
-from das_lab.cli import UserError
+from das_lab.errors import UserError
 from das_lab.models.builder import compose_model_config
 from das_lab.profile import growth_exponent, model_config, resolution_curve
 
@@ -27,6 +27,7 @@ def test_profile_prints_the_table_and_writes_csv(tmp_path):
     result = run_cli(["profile", "model=das_resnet_tiny", *FAST], tmp_path, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     assert "| das_resnet_tiny |" in result.stdout and "fwd+bwd img/s" in result.stdout
+    assert "USDT" not in result.stderr  # kineto's profiler_start/stop notices stay off the screen
     (run_dir,) = run_dirs(tmp_path)
     assert str(run_dir / "profile.csv") in result.stdout
     (row,) = _rows(run_dir / "profile.csv")
@@ -91,3 +92,12 @@ def test_unknown_compare_entry_names_the_choices():
         model_config(cfg, "resnet5O")
     assert model_config(cfg, "resnet_tiny").num_classes == 3
     assert list(model_config(cfg, "das_resnet_tiny").gate_stages) == [2, 3]
+
+
+def test_help_lists_only_the_groups_profile_uses(tmp_path):
+    result = run_cli(["profile", "--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert [line.split(":")[0] for line in groups.splitlines() if ": " in line] == ["data", "model", "paths"]
+    assert "das_resnet_tiny" in groups
+    assert not (tmp_path / "outputs").exists()

@@ -1,4 +1,4 @@
-"""Stop training at the first NaN/Inf loss instead of training on garbage."""
+"""Stop training at the first NaN/Inf instead of training on garbage, and say where it appeared."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss stopped being a finite number."""
+from das_lab.errors import NonFiniteError
 
 
 class StopOnNonFiniteLoss(Callback):
-    """Raises a clear error at the first non-finite training loss; earlier checkpoints stay as they are."""
+    """Raises :class:`NonFiniteError` at the first non-finite training loss, and adds the step, epoch and
+    last good checkpoint to one raised inside the step (e.g. by a DAS gate); earlier checkpoints stay."""
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -22,10 +21,16 @@ class StopOnNonFiniteLoss(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None or math.isfinite(float(loss)):
             return
-        checkpoint = trainer.checkpoint_callback
-        last = getattr(checkpoint, "last_model_path", "") or "none yet"
-        raise NonFiniteLossError(
-            f"train/loss became {float(loss)} at step {trainer.global_step} (epoch {trainer.current_epoch}); "
-            f"training stopped, last good checkpoint: {last}. Lower optimizer.lr, set "
-            f"trainer.gradient_clip_val, or check the data for NaN/Inf values"
-        )
+        error = NonFiniteError("train/loss", float(loss))
+        self._locate(trainer, error)
+        raise error
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, NonFiniteError) and exception.step is None:
+            self._locate(trainer, exception)
+
+    @staticmethod
+    def _locate(trainer: L.Trainer, error: NonFiniteError) -> None:
+        error.step = trainer.global_step
+        error.epoch = trainer.current_epoch
+        error.last_checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or None

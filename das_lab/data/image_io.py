@@ -36,6 +36,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from das_lab.data.base import DataModuleBase
 from das_lab.data.transforms import build_eval_transform, build_train_transform, normalize_augment
+from das_lab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ _COMPLETE_MARKER = ".das_lab_extracted"
 _FIX = "replace or delete the file, or set data.skip_corrupt=true to skip such files"
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(UserError, RuntimeError):
     """An image file that no decoder can read; the message is one line naming the file.
 
     A DataLoader worker re-raises it with the worker's whole traceback as the message; only the

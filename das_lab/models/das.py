@@ -44,6 +44,8 @@ from timm.models import register_notrace_module
 from torch import Tensor, nn
 from torchvision.ops import DeformConv2d
 
+from das_lab.errors import NonFiniteError
+
 NORMS: dict[str, Callable[[int], nn.Module]] = {
     "layer": LayerNorm2d,
     "batch": nn.BatchNorm2d,
@@ -144,6 +146,8 @@ class DASGate(nn.Module):
         predicted = self.offset(hidden)
         n_offsets = 2 * self.offset_groups * self.deform.kernel_size[0] * self.deform.kernel_size[1]
         offsets = predicted[:, :n_offsets]
+        if offsets.device.type == "cpu" and not torch.isfinite(offsets).all():
+            raise NonFiniteError("the sampling offsets of a DAS gate")  # torchvision's CPU kernel crashes on NaN
         mask = predicted[:, n_offsets:].sigmoid() if self.modulated else None
         gate = torch.sigmoid(self.norm2(self._deform(hidden, offsets, mask)))
         if self.record_maps and not torch.jit.is_scripting():
