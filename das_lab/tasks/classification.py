@@ -39,6 +39,7 @@ class ClassificationModule(TimmSchedulerMixin, L.LightningModule):
         lr_reference_batch: Optional[int] = None,
         compile: bool = False,
         channels_last: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -49,7 +50,7 @@ class ClassificationModule(TimmSchedulerMixin, L.LightningModule):
                 f"{type(net).__name__}.num_classes={num_classes!r}: a classification network needs at least "
                 "2 classes; set model.num_classes (usually ${data.num_classes})"
             )
-        self.net = apply_speed_options(net, compile, channels_last)
+        self.net = apply_speed_options(net, compile, channels_last, compile_backend)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.mixup = mixup

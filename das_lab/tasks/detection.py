@@ -143,6 +143,7 @@ class DetectionModule(TimmSchedulerMixin, L.LightningModule):
         lr_reference_batch: Optional[int] = None,
         compile: bool = False,
         channels_last: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -162,7 +163,8 @@ class DetectionModule(TimmSchedulerMixin, L.LightningModule):
             net, detector, num_classes, frozen_stages, frozen_bn, fpn_channels, box_head_dim,
             min_size=sizes, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
         )
-        apply_speed_options(self.detector.backbone, compile, channels_last)  # backbone + FPN; heads stay eager
+        # backbone + FPN; the detection heads stay eager
+        apply_speed_options(self.detector.backbone, compile, channels_last, compile_backend)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.lr_reference_batch = lr_reference_batch

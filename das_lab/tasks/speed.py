@@ -5,8 +5,9 @@ Both change how the backbone runs, never what it computes or how its weights are
 - ``channels_last``: the backbone's 4-D weights move to ``torch.channels_last`` and a forward
   pre-hook hands it its image batch in the same layout, so convolutions run NHWC end to end
   (the fast layout of cuDNN and oneDNN, and of tensor cores under bf16).
-- ``compile``: ``nn.Module.compile`` compiles the backbone's forward in place (TorchInductor by
-  default). The module object and its ``state_dict`` keys stay as they are, so checkpoints of
+- ``compile``: ``nn.Module.compile`` compiles the backbone's forward in place with
+  ``compile_backend`` (``inductor``, PyTorch's default; ``aot_eager`` traces the same graphs
+  without generating code, for debugging, as timm's ``--torchcompile BACKEND``). The module object and its ``state_dict`` keys stay as they are, so checkpoints of
   compiled and eager runs are interchangeable; the LightningModule around it (loss, metrics,
   logging) stays eager. torchvision's ``deform_conv2d`` has a registered fake kernel and
   autograd formula, so the compiled graph keeps it as one operator (forward and backward) rather
@@ -56,11 +57,19 @@ def check_compiler_available() -> None:
         )
 
 
-def apply_speed_options(backbone: nn.Module, compile: bool, channels_last: bool) -> nn.Module:
+def apply_speed_options(
+    backbone: nn.Module, compile: bool, channels_last: bool, compile_backend: str = "inductor"
+) -> nn.Module:
     """Apply ``task.channels_last`` and ``task.compile`` to the backbone a task trains (in place)."""
     if channels_last:
         use_channels_last(backbone)
     if compile:
-        check_compiler_available()
-        backbone.compile()
+        if compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(
+                f"task.compile_backend={compile_backend!r} is not a torch.compile backend; "
+                f"common ones: {', '.join(torch._dynamo.list_backends())}, aot_eager"
+            )
+        if compile_backend == "inductor":
+            check_compiler_available()
+        backbone.compile(backend=compile_backend)
     return backbone
