@@ -1,7 +1,7 @@
 """Training-step time of DAS-ResNet-50 against the same ResNet-50 without gates (target: <= 1.15x on a GPU).
 
 Usage: python benchmarks/train_step.py [--device auto|cpu|cuda] [--batch N] [--size PX]
-       [--models daslab_resnet50 das_resnet50] [--precision fp32|bf16|fp16] [--channels-last]
+       [--models daslab_resnet50 das_resnet50] [--precision fp32|bf16|fp16] [--channels-last] [--compile]
 One step = forward (autocast when asked), cross-entropy, backward, SGD-momentum update; the time
 is the median of --repeats steps after --warmup steps. The models' steps are timed in turn
 (A, B, A, B, ...) so that a shared machine's changing load falls on all of them alike.
@@ -22,15 +22,18 @@ import torch.nn.functional as F
 
 import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
 from das_lab.profile import autocast, example_input, markdown_table, resolve_device, synchronize
+from das_lab.tasks.speed import apply_speed_options
 
 
 def train_step(
     name: str, batch: int, size: int, device: torch.device, precision: str, channels_last: bool,
+    compile: bool = False,
 ) -> Callable[[], None]:
-    """One full optimisation step of ``name`` (1000 classes) on fixed random data."""
-    model = timm.create_model(name, num_classes=1000).to(device).train()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    """One full optimisation step of ``name`` (1000 classes) on fixed random data.
+
+    ``channels_last`` and ``compile`` are applied as ``task.channels_last`` / ``task.compile`` apply them.
+    """
+    model = apply_speed_options(timm.create_model(name, num_classes=1000).to(device).train(), compile, channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = example_input((batch, 3, size, size), device, channels_last)
     target = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["daslab_resnet50", "das_resnet50"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model (as task.compile=true)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -77,9 +81,12 @@ def main() -> None:
     batch = args.batch or (64 if on_gpu else 8)
     size = args.size or (224 if on_gpu else 128)
     print(f"train step on {device} ({torch.cuda.get_device_name(device) if on_gpu else f'{torch.get_num_threads()} threads'}), "
-          f"batch {batch} at {size}px, {args.precision}{', channels_last' if args.channels_last else ''}; "
+          f"batch {batch} at {size}px, {args.precision}{', channels_last' if args.channels_last else ''}"
+          f"{', compiled' if args.compile else ''}; "
           f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
-    steps = {name: train_step(name, batch, size, device, args.precision, args.channels_last) for name in args.models}
+    steps = {
+        name: train_step(name, batch, size, device, args.precision, args.channels_last, args.compile) for name in args.models
+    }
     seconds = interleaved_seconds(steps, device, args.warmup, args.repeats)
     reference = seconds[args.models[0]]
     print(markdown_table(

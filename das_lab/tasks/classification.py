@@ -17,6 +17,7 @@ from das_lab.tasks.optimization import (
     TimmSchedulerMixin,
     configure_timm_optimization,
 )
+from das_lab.tasks.speed import apply_speed_options
 
 
 class ClassificationModule(TimmSchedulerMixin, L.LightningModule):
@@ -36,6 +37,9 @@ class ClassificationModule(TimmSchedulerMixin, L.LightningModule):
         label_smoothing: float = 0.0,
         mixup: Optional[Any] = None,
         lr_reference_batch: Optional[int] = None,
+        compile: bool = False,
+        channels_last: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -46,7 +50,7 @@ class ClassificationModule(TimmSchedulerMixin, L.LightningModule):
                 f"{type(net).__name__}.num_classes={num_classes!r}: a classification network needs at least "
                 "2 classes; set model.num_classes (usually ${data.num_classes})"
             )
-        self.net = net
+        self.net = apply_speed_options(net, compile, channels_last, compile_backend)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.mixup = mixup

@@ -32,6 +32,7 @@ from das_lab.tasks.optimization import (
     TimmSchedulerMixin,
     configure_timm_optimization,
 )
+from das_lab.tasks.speed import apply_speed_options
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,9 @@ class DetectionModule(TimmSchedulerMixin, L.LightningModule):
         frozen_bn: bool = True,
         backbone_checkpoint: Optional[str] = None,
         lr_reference_batch: Optional[int] = None,
+        compile: bool = False,
+        channels_last: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -159,6 +163,8 @@ class DetectionModule(TimmSchedulerMixin, L.LightningModule):
             net, detector, num_classes, frozen_stages, frozen_bn, fpn_channels, box_head_dim,
             min_size=sizes, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
         )
+        # backbone + FPN; the detection heads stay eager
+        apply_speed_options(self.detector.backbone, compile, channels_last, compile_backend)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.lr_reference_batch = lr_reference_batch
