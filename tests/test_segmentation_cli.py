@@ -29,6 +29,7 @@ def _train_args(root: Path, cache: Path, model: list[str]) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_train_das_resnet_then_eval_writes_release_format_predictions(tmp_path: Path) -> None:
     fake = make_ade20k(tmp_path / "data")
     done = run_cli(_train_args(fake.root, tmp_path / "cache", ["model=das_resnet_tiny"]), tmp_path)
@@ -65,6 +66,7 @@ def test_train_das_resnet_then_eval_writes_release_format_predictions(tmp_path: 
     assert np.mean(ious) == pytest.approx(miou, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_train_dat_pp_semantic_fpn(tmp_path: Path) -> None:
     fake = make_ade20k(tmp_path / "data", train=2, val=1)
     model = ["model=dat_nano", "model.out_norms=true", "task.head=fpn", "task.aux_weight=0", "test=false"]
