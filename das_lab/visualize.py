@@ -10,20 +10,16 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch import Tensor, nn
+from torch import Tensor
 
 from das_lab.data.digits import ClutteredDigits, DigitsDataModule
 from das_lab.data.image_io import read_rgb
 from das_lab.pipeline import restore_checkpoint
 from das_lab.plots import attention_figures, can_draw, save_figures
+from das_lab.tasks.segmentation import SegmentationModule
+from das_lab.tasks.segmentation_overlays import write_overlays
 
 log = logging.getLogger(__name__)
-
-
-def load_network(ckpt_path: str) -> tuple[nn.Module, Any]:
-    """The backbone stored in a das-lab checkpoint (weights loaded) and its datamodule (not set up)."""
-    data_cfg, net, _ = restore_checkpoint(ckpt_path)
-    return net, instantiate(data_cfg)
 
 
 def _digits_transform(datamodule: DigitsDataModule) -> Callable[[Tensor], Tensor]:
@@ -59,12 +55,17 @@ def visualize(cfg: DictConfig) -> Optional[float]:
     missing = [path for path in images if not Path(path).expanduser().is_file()]
     if missing:
         raise FileNotFoundError(f"images not found: {', '.join(map(str, missing))}")
-    net, datamodule = load_network(cfg.ckpt_path)
+    data_cfg, net, module = restore_checkpoint(cfg.ckpt_path)
+    out_dir = Path(cfg.out_dir or Path(cfg.paths.output_dir) / "visualizations").expanduser().absolute()
+    if isinstance(module, SegmentationModule):  # segmentation checkpoints: colour overlays of the predicted classes
+        paths = write_overlays(module, [Path(path).expanduser() for path in images], out_dir)
+        print(*paths, sep="\n")
+        return None
+    datamodule = instantiate(data_cfg)
     if not can_draw(net):
         raise ValueError(f"{type(net).__name__} has no DAS gates or deformable sampling: there is nothing to draw")
     transform = eval_transform(datamodule)
     inputs = [transform(read_rgb(Path(path).expanduser())) for path in images]
-    out_dir = Path(cfg.out_dir or Path(cfg.paths.output_dir) / "visualizations").expanduser().absolute()
     figures = attention_figures(net, inputs, [Path(path).name for path in images])
     paths = save_figures(figures, out_dir)
     log.info("%d figures in %s", len(paths), out_dir)
