@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -238,8 +239,8 @@ class SegmentationModule(TimmSchedulerMixin, L.LightningModule):
             writer = csv.writer(handle)
             writer.writerow(["label", "class", "iou", "acc"])
             for index, name in enumerate(names):
-                iou, acc = (float(scores[key][index]) for key in ("iou", "acc"))
-                writer.writerow([index + 1, name, "" if iou != iou else f"{iou:.6f}", "" if acc != acc else f"{acc:.6f}"])
+                cells = [float(scores[key][index]) for key in ("iou", "acc")]  # NaN: no pixel of the class
+                writer.writerow([index + 1, name, *("" if math.isnan(v) else f"{v:.6f}" for v in cells)])
         log.info("per-class IoU written to %s; predictions in %s", path, path.parent / f"predictions_{stage}")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
