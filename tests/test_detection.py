@@ -179,7 +179,7 @@ def test_timm_and_das_backbones_train_through_the_same_adapter(coco_root: Path, 
     if gates:
         gates[0].register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
     trainer = L.Trainer(
-        max_steps=2, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+        max_steps=2, max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(tmp_path), accelerator="cpu",
     )

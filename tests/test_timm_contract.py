@@ -145,8 +145,8 @@ def _grads(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
                                          ("das_mobilenet_v2", "features.5")])
 def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients(name, block):
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=3, **TINY[name]).train()
-    model.eval() if name == "dat_nano" else None  # no dropout/drop-path randomness between the two runs
+    # eval: no dropout/drop-path randomness and no batch-norm statistics updates between the two runs
+    model = timm.create_model(name, num_classes=3, **TINY[name]).eval()
     calls = []
     model.get_submodule(block).register_forward_pre_hook(lambda *args: calls.append(1))
     x = _x(batch=2)

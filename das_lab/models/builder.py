@@ -29,7 +29,7 @@ FACTORY_KEYS = ("_target_", "name", "pretrained", "num_classes", "checkpoint", "
 _WEIGHT_SOURCES = ("url", "hf_hub_id", "file", "state_dict")
 
 
-def _compose(config: str, chain: tuple[str, ...] = ()) -> DictConfig:
+def compose_model_config(config: str, chain: tuple[str, ...] = ()) -> DictConfig:
     """``conf/model/<config>.yaml`` merged over the configs its defaults list extends (same group)."""
     path = config_dir() / "model" / f"{config}.yaml"
     if not path.is_file():
@@ -44,13 +44,13 @@ def _compose(config: str, chain: tuple[str, ...] = ()) -> DictConfig:
     for entry in defaults:
         if not isinstance(entry, str):
             raise ValueError(f"{path}: defaults entry {entry!r}; model configs extend a sibling by name (- resnet50)")
-        merged = OmegaConf.merge(merged, node if entry == "_self_" else _compose(entry, (*chain, config)))
+        merged = OmegaConf.merge(merged, node if entry == "_self_" else compose_model_config(entry, (*chain, config)))
     return merged
 
 
 def variant_args(config: str) -> dict[str, Any]:
     """Constructor arguments of a variant, read from its model config (the single source of truth)."""
-    node = OmegaConf.to_container(_compose(config), resolve=False)
+    node = OmegaConf.to_container(compose_model_config(config), resolve=False)
     return {key: value for key, value in node.items() if key not in FACTORY_KEYS}
 
 

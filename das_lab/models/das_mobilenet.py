@@ -9,8 +9,6 @@ Default ``das_mobilenet_v2`` (``conf/model/das_mobilenet_v2.yaml``): gates after
 Gate arguments are those of :class:`das_lab.models.das.DASGate`.
 """
 
-from __future__ import annotations
-
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -108,11 +106,17 @@ class DASMobileNetV2(MobileNetV2):
             for level in range(len(LEVEL_ENDS)):
                 x = self._level(level, x)
             return x
-        x = self.features[0:2](x)
-        x = self.stage_gates["1"](self.features[2:4](x))
-        x = self.stage_gates["2"](self.features[4:7](x))
-        x = self.stage_gates["3"](self.features[7:14](x))
-        return self.stage_gates["4"](self.features[14:19](x))
+        for index, block in enumerate(self.features):  # no slicing: TorchScript and FX see the registered blocks
+            x = block(x)
+            if index == 3:
+                x = self.stage_gates["1"](x)
+            elif index == 6:
+                x = self.stage_gates["2"](x)
+            elif index == 13:
+                x = self.stage_gates["3"](x)
+            elif index == 18:
+                x = self.stage_gates["4"](x)
+        return x
 
     @torch.jit.ignore
     def forward_intermediates(

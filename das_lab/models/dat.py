@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, SelectAdaptivePool2d
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -125,6 +125,7 @@ def _grid(ys: Tensor, xs: Tensor, height: int, width: int, batch: int) -> Tensor
     return torch.stack((grid_y, grid_x), -1)[None].expand(batch, -1, -1, -1)
 
 
+@register_notrace_module  # one FX leaf: sampling grids depend on the map size
 class DeformableAttention(nn.Module):
     """Deformable multi-head attention ('D' block): keys/values sampled at learned offsets of a reference grid."""
 
