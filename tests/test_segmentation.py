@@ -13,6 +13,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
+import das_lab.models  # noqa: F401  (registers das-lab's models with timm)
 from das_lab.tasks.segmentation import SegmentationModule
 from das_lab.tasks.segmentation_metrics import SegmentationScores
 
@@ -105,8 +106,9 @@ def test_upernet_widths_follow_the_official_config() -> None:
     assert isinstance(head.fuse[1], nn.BatchNorm2d) and head.classifier[0].p == 0.1
 
 
-def test_a_features_only_backbone_is_used_as_built() -> None:
-    net = timm.create_model("test_convnext", features_only=True, out_indices=(0, 1, 2, 3))
+@pytest.mark.parametrize("name", ["test_convnext", "das_resnet_tiny"])
+def test_a_features_only_backbone_is_used_as_built(name: str) -> None:
+    net = timm.create_model(name, features_only=True, out_indices=(-4, -3, -2, -1))
     module = _module(net)
     assert module.segmentor.backbone is net
     assert module(torch.randn(2, 3, 64, 64)).shape == (2, 5, 64, 64)
