@@ -16,8 +16,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-# metrics shown when present, in this order: classification top-1, then detection AP
-METRICS = ("val/acc1", "val/map", "test/acc1", "test/map")
+# metrics shown when present, in this order: classification top-1, detection AP, segmentation mIoU
+METRICS = ("val/acc1", "val/map", "val/miou", "test/acc1", "test/map", "test/miou")
 # a job folder without metrics.json whose files changed within this many seconds is still running
 RUNNING_WINDOW_S = 30 * 60
 SEED_KEY = "seed"
@@ -143,7 +143,7 @@ def primary_metric(jobs: Sequence[Job]) -> Optional[str]:
 
 
 def _percent(metric: str) -> bool:
-    return "acc" in metric or "map" in metric
+    return "acc" in metric or "map" in metric or "iou" in metric
 
 
 def _fmt_metric(metric: str, value: Optional[float]) -> str:

@@ -18,6 +18,8 @@ from das_lab.data.image_io import read_rgb
 from das_lab.errors import ConfigError
 from das_lab.pipeline import restore_checkpoint
 from das_lab.plots import attention_figures, can_draw, save_figures
+from das_lab.tasks.segmentation import SegmentationModule
+from das_lab.tasks.segmentation_overlays import write_overlays
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,16 @@ def visualize(cfg: DictConfig, run: Run) -> Outcome:
     if missing:
         raise ConfigError(f"images not found: {', '.join(map(str, missing))}")
     restored = restore_checkpoint(cfg.ckpt_path)
+    run.start()
+    out_dir = Path(cfg.out_dir or run.dir / "visualizations").expanduser().absolute()
+    if isinstance(restored.module, SegmentationModule):  # segmentation checkpoints: colour overlays of the predicted classes
+        paths = write_overlays(restored.module, [Path(path).expanduser() for path in images], out_dir)
+        print(*paths, sep="\n")
+        return Outcome()
     if not can_draw(restored.net):
         raise ConfigError(f"{type(restored.net).__name__} has no DAS gates or deformable sampling: there is nothing to draw")
     transform = eval_transform(instantiate(restored.data))
-    run.start()
     inputs = [transform(read_rgb(Path(path).expanduser())) for path in images]
-    out_dir = Path(cfg.out_dir or run.dir / "visualizations").expanduser().absolute()
     figures = attention_figures(restored.net, inputs, [Path(path).name for path in images])
     paths = save_figures(figures, out_dir)
     log.info("%d figures in %s", len(paths), out_dir)

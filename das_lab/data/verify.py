@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset
 
 from das_lab.config import config_dir
+from das_lab.data.ade20k import ADE20KDataModule
 from das_lab.data.image_io import CorruptImageError, ImageClassificationDataModule, ImageSampleDataset
 
 SHOWN_UNREADABLE = 20
@@ -77,17 +78,20 @@ def _table(rows: list[tuple[str, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def verify(datamodule: ImageClassificationDataModule, max_images: Optional[int]) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+def verify(
+    datamodule: ImageClassificationDataModule | ADE20KDataModule, max_images: Optional[int]
+) -> tuple[list[tuple[str, str, str, str]], list[str]]:
     """Summary rows and the problems found in a datamodule's dataset."""
     datamodule.prepare_data()
     datamodule.setup()
     rows = [("layout", datamodule.layout, "", "ok"), ("classes", str(len(datamodule.class_names)), str(datamodule.num_classes), "ok")]
     problems: list[str] = []
-    empty_classes = sorted(set(range(datamodule.num_classes)) - set(datamodule.train_set.targets))
-    if empty_classes:
-        names = [datamodule.class_names[i] for i in empty_classes[:5]]
-        problems.append(f"{len(empty_classes)} classes have no training image (e.g. {names})")
-    rows.append(("classes without train images", str(len(empty_classes)), "0", "PROBLEM" if empty_classes else "ok"))
+    if isinstance(datamodule, ImageClassificationDataModule):  # one class per image: each class needs images
+        empty_classes = sorted(set(range(datamodule.num_classes)) - set(datamodule.train_set.targets))
+        if empty_classes:
+            names = [datamodule.class_names[i] for i in empty_classes[:5]]
+            problems.append(f"{len(empty_classes)} classes have no training image (e.g. {names})")
+        rows.append(("classes without train images", str(len(empty_classes)), "0", "PROBLEM" if empty_classes else "ok"))
     checked: dict[int, str] = {}
     for split in ("train", "val", "test"):
         dataset = getattr(datamodule, f"{split}_set")
@@ -119,8 +123,8 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         datamodule = instantiate(cfg.data)
-        if not isinstance(datamodule, ImageClassificationDataModule):
-            print(f"data verify: {cfg.data._target_} is not an image-folder dataset; choose data=stanford_dogs or data=imagenet", file=sys.stderr)
+        if not isinstance(datamodule, (ImageClassificationDataModule, ADE20KDataModule)):
+            print(f"data verify: {cfg.data._target_} is not an image-folder dataset; choose data=stanford_dogs, imagenet or ade20k", file=sys.stderr)
             return 1
         rows, problems = verify(datamodule, args.max_images)
     except (FileNotFoundError, ValueError, CorruptImageError, InstantiationException) as error:
