@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from timm.models import build_model_with_cfg, get_pretrained_cfg
 from timm.models._features import FeatureGetterNet, feature_take_indices
+from timm.models._builder import pretrained_cfg_for_features
 from torch import Tensor, nn
 
 from das_lab.config import config_dir
@@ -103,7 +104,9 @@ def create_variant(
     if not features_only:
         return model
     indices = default_out_indices(model) if out_indices is None else tuple(out_indices)
-    return FeatureGetterNet(model, out_indices=indices, **feature_args)
+    features = FeatureGetterNet(model, out_indices=indices, **feature_args)
+    features.pretrained_cfg = features.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    return features
 
 
 def _unknown_name(name: str) -> str:
