@@ -1,7 +1,7 @@
 """One-call GPU check of das-lab's speed: prints a table and writes the figures as JSON.
 
 Usage: python benchmarks/gpu_check.py [--device auto|cuda|cpu] [--quick] [--precision fp32|bf16|fp16]
-       [--workers N] [--out gpu_check.json]
+       [--workers N] [--compile-backend inductor] [--out gpu_check.json]
 
 Four checks, each in one process except the last, each timed after warm-up:
 1. train step of DAS-ResNet-50 against the same ResNet-50 without gates (bf16 autocast on GPUs,
@@ -101,13 +101,14 @@ def check_train_step_ratio(device: torch.device, sizes: Sizes, precision: str) -
 # ----------------------------------------------------------------------------- 2. DAT-T++ paths
 
 
-def check_dat_paths(device: torch.device, sizes: Sizes, precision: str) -> dict[str, Any]:
+def check_dat_paths(device: torch.device, sizes: Sizes, precision: str, compile_backend: str) -> dict[str, Any]:
     """Training img/s and peak memory of DAT++ on its reference path and compiled."""
     results: dict[str, Any] = {"model": sizes.dat_model, "batch": sizes.dat_batch, "image": sizes.dat_image,
-                               "precision": precision}
+                               "precision": precision, "compile_backend": compile_backend}
     for path, compiled in (("reference", False), ("compiled", True)):
         torch.manual_seed(0)
-        step = train_step(sizes.dat_model, sizes.dat_batch, sizes.dat_image, device, precision, False, compiled)
+        step = train_step(sizes.dat_model, sizes.dat_batch, sizes.dat_image, device, precision, False, compiled,
+                          compile_backend)
         start = time.perf_counter()
         step()  # the first step compiles
         synchronize(device)
@@ -293,8 +294,8 @@ def table(results: dict[str, Any]) -> str:
         ["DAS-ResNet-50 / ResNet-50 train step", f"{ratio['das_resnet50_ms']:.1f} / {ratio['resnet50_ms']:.1f} ms",
          ratio["ratio"], "<= 1.15"],
     ]
-    for path in ("reference", "compiled"):
-        rows.append([f"{dat['model']} train, {path}", f"{dat[path]['img_s']:.1f} img/s, peak {dat[path]['peak_mib']:.0f} MiB",
+    for path, label in (("reference", "reference"), ("compiled", f"compiled ({dat['compile_backend']})")):
+        rows.append([f"{dat['model']} train, {label}", f"{dat[path]['img_s']:.1f} img/s, peak {dat[path]['peak_mib']:.0f} MiB",
                      dat[path]["img_s"] / dat["reference"]["img_s"], "x reference"])
     rows.append(["Lightning loop / plain loop", f"{loop['lightning_ms_per_step']:.1f} / {loop['plain_ms_per_step']:.1f} ms",
                  loop["ratio"], "<= 1.05"])
@@ -318,6 +319,8 @@ def main() -> None:
     parser.add_argument("--precision", default=None, choices=sorted(LIGHTNING_PRECISION),
                         help="default: bf16 on GPUs, fp32 on CPUs")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers for check 4 (default: min(8, CPUs))")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of check 2 (as task.compile_backend; aot_eager: no code generation)")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -329,7 +332,7 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine(device), "sizes": asdict(sizes), "precision": precision}
     checks: dict[str, Callable[[], dict[str, Any]]] = {
         "train_step_ratio": lambda: check_train_step_ratio(device, sizes, precision),
-        "dat_paths": lambda: check_dat_paths(device, sizes, precision),
+        "dat_paths": lambda: check_dat_paths(device, sizes, precision, args.compile_backend),
         "lightning_overhead": lambda: check_lightning_overhead(device, sizes, precision),
         "end_to_end": lambda: check_end_to_end(device, sizes, precision, workers),
     }

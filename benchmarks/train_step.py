@@ -27,13 +27,14 @@ from das_lab.tasks.speed import apply_speed_options
 
 def train_step(
     name: str, batch: int, size: int, device: torch.device, precision: str, channels_last: bool,
-    compile: bool = False,
+    compile: bool = False, compile_backend: str = "inductor",
 ) -> Callable[[], None]:
     """One full optimisation step of ``name`` (1000 classes) on fixed random data.
 
     ``channels_last`` and ``compile`` are applied as ``task.channels_last`` / ``task.compile`` apply them.
     """
-    model = apply_speed_options(timm.create_model(name, num_classes=1000).to(device).train(), compile, channels_last)
+    model = timm.create_model(name, num_classes=1000).to(device).train()
+    apply_speed_options(model, compile, channels_last, compile_backend)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = example_input((batch, 3, size, size), device, channels_last)
     target = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
