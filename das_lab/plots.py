@@ -6,7 +6,6 @@ deformable block's sampling points (where its keys were sampled) next to their r
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -32,9 +31,8 @@ def has_gates(net: nn.Module) -> bool:
 
 
 def has_sampling(net: nn.Module) -> bool:
-    """The network reports deformable sampling points (DAT++: ``forward_features(x, return_sampling=True)``)."""
-    forward_features = getattr(net, "forward_features", None)
-    return forward_features is not None and "return_sampling" in inspect.signature(forward_features).parameters
+    """The network reports deformable sampling points (DAT++: ``forward_sampling(x)``)."""
+    return callable(getattr(net, "forward_sampling", None))
 
 
 def can_draw(net: nn.Module) -> bool:
@@ -126,7 +124,7 @@ def _gate_maps(net: nn.Module, batch: Tensor) -> dict[str, np.ndarray]:
 
 def _sampling_blocks(net: nn.Module, batch: Tensor) -> list[tuple[str, Tensor, Tensor, tuple[int, int]]]:
     """Each deformable block's sampling for a batch of one, with its stage's feature-map size."""
-    features, samplings = net.forward_features(batch, return_sampling=True)
+    features, samplings = net.forward_sampling(batch)
     return [
         (f"stage {s.stage + 1} block {s.block}", s.pos[0].float().cpu(), s.reference[0].float().cpu(),
          tuple(features[s.stage].shape[-2:]))

@@ -41,6 +41,7 @@ from torch.profiler import profile as torch_profile
 
 from das_lab.cli import UserError, run_hydra
 from das_lab.config import config_dir
+from das_lab.models.builder import compose_model_config
 from das_lab.models.das import DASGate
 from das_lab.models.dat import DeformableAttention
 from das_lab.run import RunRecord
@@ -366,7 +367,7 @@ def model_config(cfg: DictConfig, name: str) -> DictConfig:
         raise UserError(f"profile.compare entry {name!r} has no config {path}; choose from: {available}")
     composed = copy.deepcopy(cfg)
     with open_dict(composed):
-        composed.model = OmegaConf.load(path)
+        composed.model = compose_model_config(name)  # with the base config it extends
     return composed.model
 
 

@@ -7,28 +7,31 @@ import pytest
 import timm
 import torch
 import torchvision
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from das_lab.models import das_mobilenet, das_resnet
+from das_lab.models.builder import FACTORY_KEYS, variant_args
 from das_lab.models.das import DASGate, capture_gate_maps, gate_names
 from das_lab.models.weights import load_weights
 from das_lab.utils.flops import count_params
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-NAMES = sorted(das_resnet.VARIANTS) + ["das_mobilenet_v2"]
+NAMES = sorted(name for name, _, _ in das_resnet.VARIANTS) + ["das_mobilenet_v2"]
 LIGHT = [n for n in NAMES if not n.endswith(("50", "101"))]
 HEAVY = [n for n in NAMES if n.endswith(("50", "101"))]
 
 
 def _check_features(model, size):
     with torch.no_grad():
-        feats = model.eval().forward_features(torch.randn(1, 3, size, size))
-    assert len(feats) == 4
-    assert model.stage_strides == (4, 8, 16, 32)
-    for f, ch, stride in zip(feats, model.stage_channels, model.stage_strides):
-        assert f.shape == (1, ch, size // stride, size // stride)
-    return feats
+        final, feats = model.eval().forward_intermediates(torch.randn(1, 3, size, size))
+    assert len(feats) == 5
+    assert [info["reduction"] for info in model.feature_info] == [2, 4, 8, 16, 32]
+    for f, info in zip(feats, model.feature_info):
+        assert f.shape == (1, info["num_chs"], size // info["reduction"], size // info["reduction"])
+    assert final is feats[-1] and final.shape[1] == model.num_features
+    return final
 
 
 @pytest.mark.parametrize("name", LIGHT)
@@ -42,7 +45,7 @@ def test_light_variants_forward_backward_and_contract(name):
     logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     head = timm.create_model(name, num_classes=0).eval()
-    assert head(torch.randn(1, 3, 32, 32)).shape == (1, head.stage_channels[-1])
+    assert head(torch.randn(1, 3, 32, 32)).shape == (1, head.num_features)
 
 
 @pytest.mark.parametrize("name", HEAVY)
@@ -56,8 +59,8 @@ def test_names_do_not_replace_timm_models():
     assert type(timm.create_model("resnet18")).__module__ == "timm.models.resnet"
     for name in NAMES:
         assert timm.is_model(name)
-    with pytest.raises(ValueError, match="pass checkpoint=<path"):
-        timm.create_model("das_resnet50", pretrained=True)
+    with pytest.raises(ValueError, match="se_resnet50 declares no pretrained weights.*model.checkpoint="):
+        timm.create_model("se_resnet50", pretrained=True)
 
 
 def test_parameter_counts_match_the_reference_networks():
@@ -92,7 +95,7 @@ def test_gate_positions_place_gates_where_documented(position, gate_keys, n_gate
 
 def test_block_gates_refuse_an_occupied_attention_slot():
     with pytest.raises(ValueError, match=r"model\.gate_position=block .* model\.attn_layer=se"):
-        das_resnet.DASResNet(attn_layer="se", gate_stages=[1], gate_position="block", layers=(1, 1, 1, 1))
+        das_resnet.DASResNet("basic", (1, 1, 1, 1), attn_layer="se", gate_stages=[1], gate_position="block")
 
 
 @pytest.mark.parametrize("position", ["stage_end", "block", "skip"])
@@ -118,8 +121,7 @@ def test_plain_torchvision_checkpoint_loads_into_das_mobilenet_v2(tmp_path):
     torch.save({"model": plain.state_dict()}, path)
     model = timm.create_model("das_mobilenet_v2", num_classes=4, checkpoint=str(path))
     torch.testing.assert_close(model.features[17].conv[0][0].weight, plain.features[17].conv[0][0].weight)
-    assert sorted(model.stage_gates) == ["2", "3"]
-    assert all(isinstance(g, DASGate) for g in model.stage_gates.values())
+    assert sorted(s for s, g in model.stage_gates.items() if isinstance(g, DASGate)) == ["2", "3"]
 
 
 def test_classifier_mismatch_names_num_classes(tmp_path):
@@ -131,13 +133,27 @@ def test_classifier_mismatch_names_num_classes(tmp_path):
     assert model.fc.weight.shape == (10, 512)
 
 
-@pytest.mark.parametrize("path", sorted(p for p in CONF.glob("*.yaml") if not p.name.startswith("dat_")), ids=lambda p: p.stem)
+FAMILY_CONFIGS = sorted(p for p in CONF.glob("*.yaml") if not p.name.startswith(("dat_", "timm")))
+
+
+@pytest.mark.parametrize("path", FAMILY_CONFIGS, ids=lambda p: p.stem)
 def test_model_configs_mirror_the_constructor(path):
-    cfg = OmegaConf.load(path)
-    target = {"das_lab.models.das_resnet.DASResNet": das_resnet.DASResNet,
-              "das_lab.models.das_mobilenet.DASMobileNetV2": das_mobilenet.DASMobileNetV2}[cfg._target_]
-    assert set(cfg) - {"_target_"} == set(inspect.signature(target).parameters)
+    target = das_mobilenet.DASMobileNetV2 if path.stem == "das_mobilenet_v2" else das_resnet.DASResNet
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={path.stem}"]).model
+    assert cfg._target_ == "das_lab.models.builder.create_model" and timm.is_model(cfg.name)
+    assert set(cfg) - set(FACTORY_KEYS) == set(inspect.signature(target).parameters) - {"num_classes"}
+    # the timm registry builds the variant from this same file
+    assert {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in FACTORY_KEYS} == variant_args(path.stem)
     if path.stem in ("resnet_tiny", "das_resnet_tiny", "das_mobilenet_v2", "cbam_resnet18", "das_resnet18"):
-        cfg = OmegaConf.merge({"data": {"num_classes": 6}}, {"model": cfg})
-        model = instantiate(cfg.model).eval()
+        model = instantiate(cfg, num_classes=6).eval()
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 6)
+
+
+def test_variant_configs_are_a_base_plus_a_short_delta():
+    """A variant is its base config plus a few lines: only the base configs list every key."""
+    bases = {"resnet50.yaml", "dat_tiny.yaml", "das_mobilenet_v2.yaml", "timm.yaml"}
+    for path in CONF.glob("*.yaml"):
+        node = OmegaConf.load(path)
+        if path.name not in bases:
+            assert len(node.defaults) == 2 and len(node) <= 12, path.name

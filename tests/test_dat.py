@@ -17,6 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from das_lab.models import dat
 from das_lab.models import neighborhood_attention as na
+from das_lab.models.builder import FACTORY_KEYS, variant_args
+from das_lab.models.weights import WeightsMismatchError
 from das_lab.utils.flops import count_gmacs, count_params
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -24,8 +26,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 def small(variant: str, **overrides) -> dat.DAT:
     """A named variant's block layout, heads and groups at 4 channels per head and 2 blocks per stage."""
-    cfg = dat.VARIANTS[variant]
-    dims = [4 * h for h in cfg["heads"]]
+    dims = [4 * h for h in variant_args(variant)["heads"]]
     args = dict(dims=dims, dim_stem=dims[0], depths=[2, 2, 2, 2],
                 stage_spec=[["N", "D"], ["N", "D"], ["N", "D"], ["D", "D"]], img_size=64, num_classes=5)
     return timm.create_model(variant, **{**args, **overrides})
@@ -33,7 +34,7 @@ def small(variant: str, **overrides) -> dat.DAT:
 
 def nano(**overrides) -> dat.DAT:
     torch.manual_seed(0)
-    return dat.DAT(**{**dat.VARIANTS["dat_nano"], "num_classes": 4, "drop_path_rate": 0.0, **overrides})
+    return timm.create_model("dat_nano", **{"num_classes": 4, "drop_path_rate": 0.0, **overrides})
 
 
 # ---------------------------------------------------------------- official state_dict naming scheme
@@ -194,11 +195,11 @@ def test_variant_forward_backward(variant):
     model = small(variant) if variant != "dat_nano" else timm.create_model("dat_nano", num_classes=5)
     x = torch.randn(1, 3, 32, 64)
     model.eval()
-    features = model.forward_features(x)
+    final, features = model.forward_intermediates(x)
     assert [tuple(f.shape) for f in features] == [
-        (1, c, 32 // s, 64 // s) for c, s in zip(model.stage_channels, model.stage_strides)
+        (1, info["num_chs"], 32 // info["reduction"], 64 // info["reduction"]) for info in model.feature_info
     ]
-    torch.testing.assert_close(model(x), model.forward_head(features))
+    torch.testing.assert_close(model(x), model.forward_head(final))
     logits = model.train()(x)
     assert logits.shape == (1, 5)
     logits.logsumexp(1).sum().backward()
@@ -212,7 +213,7 @@ def test_odd_and_small_input_sizes(size):
     model = nano().eval()
     h, w = size
     with torch.no_grad():
-        features, sampling = model.forward_features(torch.randn(1, 3, h, w), return_sampling=True)
+        features, sampling = model.forward_sampling(torch.randn(1, 3, h, w))
     assert [tuple(f.shape[2:]) for f in features] == [(h // s, w // s) for s in (4, 8, 16, 32)]
     assert all(torch.isfinite(f).all() for f in features)
     assert [(s.stage, s.block) for s in sampling] == [(0, 1), (1, 1), (2, 1), (3, 0)]
@@ -235,7 +236,7 @@ def test_no_offsets_sample_average_pooled_keys():
     attn.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
     attn.proj_k.register_forward_pre_hook(lambda m, args: seen.__setitem__("keys", args[0]))
     with torch.no_grad():
-        _, sampling = model.forward_features(torch.randn(2, 3, 64, 96), return_sampling=True)
+        _, sampling = model.forward_sampling(torch.randn(2, 3, 64, 96))
     x = seen["x"]
     pooled = F.avg_pool2d(x, attn.stride)
     assert x.shape[2:] == (8, 12) and pooled.shape[2:] == (4, 6)
@@ -271,7 +272,7 @@ def test_invalid_architecture_errors_name_the_key():
         nano(stage_spec=[["L", "D"], ["N", "D"], ["N", "D"], ["D"]])
     with pytest.raises(ValueError, match=r"model.depths\[1\]=2"):
         nano(stage_spec=[["N", "D"], ["D"], ["N", "D"], ["D"]])
-    with pytest.raises(ValueError, match="downloads no weights"):
+    with pytest.raises(ValueError, match="dat_nano declares no pretrained weights"):
         timm.create_model("dat_nano", pretrained=True)
 
 
@@ -282,22 +283,24 @@ def test_checkpoint_loads_strictly_and_reproduces_outputs(tmp_path):
     path = tmp_path / "dat.pth"
     torch.save({"model": source.state_dict(), "epoch": 3}, path)
     torch.manual_seed(123)
-    loaded = dat.DAT(**{**dat.VARIANTS["dat_nano"], "num_classes": 4, "checkpoint": str(path)}).eval()
+    loaded = nano(checkpoint=str(path)).eval()
     x = torch.randn(1, 3, 32, 64)
     torch.testing.assert_close(loaded(x), source(x))
 
 
-def test_checkpoint_with_other_head_keeps_a_fresh_head(tmp_path):
+def test_checkpoint_with_other_head_names_num_classes_or_keeps_a_fresh_head(tmp_path):
     source = nano()
     torch.save(source.state_dict(), tmp_path / "plain.pth")
-    model = nano(num_classes=7, checkpoint=str(tmp_path / "plain.pth"))
+    with pytest.raises(WeightsMismatchError, match=r"(?s)cls_head\.weight file \[4, 128\] vs model \[7, 128\].*model\.num_classes"):
+        nano(num_classes=7, checkpoint=str(tmp_path / "plain.pth"))
+    model = nano(num_classes=7, checkpoint=str(tmp_path / "plain.pth"), checkpoint_strict=False)
     assert model.cls_head.weight.shape == (7, 128)
     torch.testing.assert_close(model.patch_proj[0].weight, source.patch_proj[0].weight)
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     torch.save({"model": nano().state_dict()}, tmp_path / "nano.pth")
-    with pytest.raises(ValueError, match="expects"):
+    with pytest.raises(WeightsMismatchError, match=r"shape mismatch: stages\.3\..* file \[128\] vs model \[256\]"):
         nano(dims=[16, 32, 64, 256], checkpoint=str(tmp_path / "nano.pth"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         nano(checkpoint=str(tmp_path / "missing.pth"))
@@ -319,13 +322,14 @@ def test_position_tables_are_resized_bicubically_for_another_resolution(tmp_path
 
 @pytest.mark.parametrize("name", ["dat_tiny", "dat_small", "dat_base", "dat_nano"])
 def test_model_config_mirrors_constructor_and_variant(name):
-    cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-    params = list(inspect.signature(dat.DAT).parameters)
-    assert cfg._target_ == "das_lab.models.dat.DAT"
-    assert sorted(k for k in cfg if k != "_target_") == sorted(params)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={name}"]).model
+    params = set(inspect.signature(dat.DAT).parameters)
+    assert cfg._target_ == "das_lab.models.builder.create_model" and cfg.name == name
+    assert set(cfg) - set(FACTORY_KEYS) == params - {"num_classes"}
     assert cfg.checkpoint is None and OmegaConf.to_container(cfg)["num_classes"] == "${data.num_classes}"
-    values = OmegaConf.to_container(cfg)
-    assert {k: values[k] for k in dat.VARIANTS[name]} == dat.VARIANTS[name]
+    # timm.create_model(name) builds from this same file: one source for the variant's sizes
+    assert {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in FACTORY_KEYS} == variant_args(name)
 
 
 def test_experiments_compose_and_nano_trains_a_step():

@@ -30,11 +30,12 @@ TINY = dict(min_size=64, max_size=96, fpn_channels=16, box_head_dim=32)
 
 
 class TinyBackbone(nn.Module):
-    """A four-stage convolutional network following the das-lab backbone contract."""
+    """A four-stage convolutional network with timm's feature API (``feature_info``, ``forward_intermediates``)."""
 
     def __init__(self, num_classes: int = 0, widths: tuple[int, ...] = (8, 16, 24, 32)) -> None:
         super().__init__()
-        self.stage_channels, self.stage_strides, self.num_classes = tuple(widths), (4, 8, 16, 32), num_classes
+        self.num_classes = num_classes
+        self.feature_info = [dict(num_chs=w, reduction=2 ** (i + 2), module=f"stages.{i}") for i, w in enumerate(widths)]
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1), nn.BatchNorm2d(widths[0]), nn.ReLU())
         inputs = (widths[0],) + tuple(widths[:-1])
         self.stages = nn.ModuleList(
@@ -42,18 +43,18 @@ class TinyBackbone(nn.Module):
         )
         self.fc = nn.Linear(widths[-1], num_classes) if num_classes else nn.Identity()
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        take = range(len(self.stages)) if indices is None else indices
         x, features = self.stem(x), []
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             x = stage(x)
-            features.append(x)
-        return features
-
-    def forward_head(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return self.fc(features[-1].mean((2, 3)))
+            if i in take:
+                features.append(x)
+        return features if intermediates_only else (x, features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.fc(self.forward_intermediates(x)[0].mean((2, 3)))
 
 
 def _sgd(lr: float = 0.01):
@@ -69,8 +70,10 @@ def test_fpn_adapter_levels_and_strides() -> None:
     assert [tuple(m.shape) for m in maps.values()] == [(1, 16, 128 // s, 96 // s) for s in (4, 8, 16, 32)] + [(1, 16, 2, 2)]
     retina = FPNBackbone(TinyBackbone(), (2, 3, 4), out_channels=16, extra_block="p6p7")
     assert retina.strides == (8, 16, 32, 64, 128) and len(retina(x)) == 5
-    with pytest.raises(TypeError, match="Linear lacks forward_features, stage_channels, stage_strides"):
+    with pytest.raises(TypeError, match="Linear lacks forward_intermediates, feature_info: detection takes"):
         FPNBackbone(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"strides \[4, 8, 16\], but detection needs strides \[4, 8, 16, 32\]"):
+        FPNBackbone(TinyBackbone(widths=(8, 16, 24)))
     with pytest.raises(ValueError, match="returned_stages=\\(0, 5\\)"):
         FPNBackbone(TinyBackbone(), (0, 5))
 
@@ -82,11 +85,11 @@ def test_frozen_batch_norm_keeps_outputs_and_frozen_stages_cover_stem_and_stage_
             module.running_mean.uniform_(-1, 1)
             module.running_var.uniform_(0.5, 2)
     x = torch.rand(2, 3, 64, 64)
-    expected = net.eval().forward_features(x)
+    expected = net.eval().forward_intermediates(x, intermediates_only=True)
     freeze_batch_norm(net)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     assert sum(isinstance(m, FrozenBatchNorm2d) for m in net.modules()) == 5
-    for a, b in zip(expected, net.train().forward_features(x)):
+    for a, b in zip(expected, net.train().forward_intermediates(x, intermediates_only=True)):
         torch.testing.assert_close(a, b)
     frozen = freeze_stages(net, 1)
     assert frozen == ["stem.0.weight", "stem.0.bias", "stages.0.0.weight", "stages.0.0.bias"]
@@ -155,6 +158,35 @@ def test_train_validate_test_writes_coco_results(coco_root: Path, tmp_path: Path
     assert {d["image_id"] for d in detections} <= set(ground_truth.getImgIds())
     if detections:
         assert len(ground_truth.loadRes(str(tmp_path / "detections_test.json")).anns) == len(detections)
+
+
+@pytest.mark.parametrize("model", ["timm", "das_resnet18"])
+def test_timm_and_das_backbones_train_through_the_same_adapter(coco_root: Path, tmp_path: Path, model: str) -> None:
+    """``model=timm model.name=resnet18`` and ``model=das_resnet18`` feed the FPN through forward_intermediates."""
+    torch.manual_seed(0)
+    overrides = [f"model={model}", "model.num_classes=0"] + (["model.name=resnet18"] if model == "timm" else [])
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["data=coco", "task=detection", *overrides])
+    net = instantiate(cfg.model)
+    gates = [m for m in net.modules() if type(m).__name__ == "DASGate"]
+    assert (type(net).__name__, len(gates)) == (("ResNet", 0) if model == "timm" else ("DASResNet", 1))
+    dm = CocoDataModule(str(coco_root), batch_size=2, num_workers=0, num_classes=3)
+    module = DetectionModule(net, _sgd(0.01), None, "faster_rcnn", 3, frozen_stages=1, **TINY)
+    fpn = module.detector.backbone
+    x = torch.rand(1, 3, 64, 96)
+    assert [tuple(m.shape[1:]) for m in fpn(x).values()][:4] == [(16, 64 // s, 96 // s) for s in (4, 8, 16, 32)]
+    seen = []
+    if gates:
+        gates[0].register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    trainer = L.Trainer(
+        max_steps=2, max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(tmp_path), accelerator="cpu",
+    )
+    trainer.fit(module, datamodule=dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert trainer.global_step == 2 and len(seen) == (2 if gates else 0)  # the stage-3 gate ran in every step
+    assert not net.conv1.weight.requires_grad and net.layer2[0].conv1.weight.requires_grad
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from cli_helpers import run_cli, run_dirs
 from das_lab.cli import UserError
-from das_lab.config import config_dir
+from das_lab.models.builder import compose_model_config
 from das_lab.profile import growth_exponent, model_config, resolution_curve
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny tensors: one thread is fastest on a shared machine
@@ -30,7 +30,7 @@ def test_profile_prints_the_table_and_writes_csv(tmp_path):
     (run_dir,) = run_dirs(tmp_path)
     assert str(run_dir / "profile.csv") in result.stdout
     (row,) = _rows(run_dir / "profile.csv")
-    cfg = OmegaConf.load(config_dir() / "model" / "das_resnet_tiny.yaml")
+    cfg = compose_model_config("das_resnet_tiny")
     cfg.num_classes = 10  # digits, the profile's default data
     net = instantiate(cfg)
     assert float(row["params_m"]) == pytest.approx(sum(p.numel() for p in net.parameters()) / 1e6)

@@ -56,7 +56,7 @@ def test_backbone_sweep_builds_each_baseline(compose_train):
 
 def test_dat_offset_sweep_sets_one_factor_each(compose_train):
     cfg = compose_train("+experiment=ablation_dat_offsets")
-    assert cfg.model._target_ == "das_lab.models.dat.DAT" and cfg.data._target_.endswith("DigitsDataModule")
+    assert cfg.model.name == "dat_nano" and cfg.data._target_.endswith("DigitsDataModule")
     settings = {}
     for variant in _swept_values(cfg, "dat_variant"):
         model = compose_train("+experiment=ablation_dat_offsets", f"dat_variant={variant}").model

@@ -95,8 +95,19 @@ def test_new_modules_do_not_fail_a_strict_load(tmp_path):
 def test_a_file_matching_nothing_fails_even_non_strict(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(nn.Linear(2, 2).state_dict(), path)
-    with pytest.raises(WeightsMismatchError, match="0 tensors loaded"):
+    with pytest.raises(WeightsMismatchError, match=r"other\.pth: no key fits this model \(file has e\.g\. 'weight', "
+                                                   r"the model expects e\.g\. 'conv1\.weight'\)") as err:
         load_weights(Net(), path, strict=False)
+    assert "\n" not in str(err.value)
+
+
+def test_a_filter_maps_a_foreign_layout_before_the_comparison(tmp_path):
+    path = tmp_path / "renamed.pth"
+    state = Net().state_dict()
+    torch.save({f"backbone.{k}": v for k, v in state.items()}, path)
+    rename = lambda sd, model: {k.removeprefix("backbone."): v for k, v in sd.items()}  # noqa: E731
+    report = load_weights(Net(), path, filter_fn=rename)
+    assert report.clean and len(report.loaded) == len(state)
 
 
 class Payload:

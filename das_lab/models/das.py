@@ -40,6 +40,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from timm.layers import LayerNorm2d
+from timm.models import register_notrace_module
 from torch import Tensor, nn
 from torchvision.ops import DeformConv2d
 
@@ -75,6 +76,7 @@ def _odd_kernel(key: str, value: int) -> int:
     return value
 
 
+@register_notrace_module  # one FX leaf: the deformable conv's shape checks cannot be traced
 class DASGate(nn.Module):
     """Deformable, depthwise-separable sigmoid gate that re-weights a feature map (see module doc)."""
 
@@ -125,11 +127,16 @@ class DASGate(nn.Module):
 
     def _deform(self, hidden: Tensor, offsets: Tensor, mask: Optional[Tensor]) -> Tensor:
         """The deformable conv, in float32 under autocast: torchvision's CPU kernel has no bf16/fp16 path."""
-        device = hidden.device.type
-        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-            return self.deform(hidden, offsets, mask)
-        with torch.autocast(device, enabled=False):
-            return self.deform(hidden.float(), offsets.float(), None if mask is None else mask.float())
+        if not torch.jit.is_scripting():
+            device = hidden.device.type
+            if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+                with torch.autocast(device, enabled=False):
+                    return self.deform(hidden.float(), offsets.float(), None if mask is None else mask.float())
+        return self.deform(hidden, offsets, mask)
+
+    @torch.jit.unused
+    def _record(self, gate: Tensor, offsets: Tensor, mask: Optional[Tensor]) -> None:
+        self.last_maps = GateMaps(gate=gate.detach(), offsets=offsets.detach(), mask=None if mask is None else mask.detach())
 
     def forward(self, x: Tensor) -> Tensor:
         """Gate ``x`` by its deformably sampled attention map."""
@@ -139,10 +146,8 @@ class DASGate(nn.Module):
         offsets = predicted[:, :n_offsets]
         mask = predicted[:, n_offsets:].sigmoid() if self.modulated else None
         gate = torch.sigmoid(self.norm2(self._deform(hidden, offsets, mask)))
-        if self.record_maps:
-            self.last_maps = GateMaps(
-                gate=gate.detach(), offsets=offsets.detach(), mask=None if mask is None else mask.detach()
-            )
+        if self.record_maps and not torch.jit.is_scripting():
+            self._record(gate, offsets, mask)
         gated = x * gate
         return gated if self.gate_mode == "multiply" else x + gated
 

@@ -34,20 +34,27 @@ parameters it adds (~C^2 / 6) are 4x fewer than on stage 4. Gates on more stages
 (``[2, 3]`` at alpha 1/16: +0.27 GFLOPs) are one override away and are what the ablation sweeps
 explore. The other depths keep 16 hidden channels on stage 3 (alpha 1/16 for basic blocks).
 
+timm contract: ``forward_features`` returns the last stage map (after its gate),
+``forward_intermediates`` / ``features_only`` return the stem (stride 2) and the four stage maps
+(strides 4-32) after their gates, ``set_grad_checkpointing`` checkpoints every block.
+
 Registered names (timm registry): ``das_resnet{18,34,50,101}``, ``das_resnet_tiny``,
 ``resnet_tiny``, ``{se,cbam,eca,gc}_resnet{18,50,101}`` and the plain ``daslab_resnet{18,34,50,101}``
 (prefixed because timm already registers ``resnet50`` etc.; the config files keep the short names
-``model=resnet50``).
+``model=resnet50``). Their hyper-parameters are those of the config files.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
-from timm.models import register_model
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import Tensor, nn
 
+from das_lab.models.builder import create_variant, take_indices
 from das_lab.models.das import (
     DASGate,
     OffsetGroups,
@@ -56,25 +63,26 @@ from das_lab.models.das import (
     stage_end_gates,
     stage_offset_groups,
 )
-from das_lab.models.weights import entrypoint_kwargs, load_weights
+from das_lab.models.weights import StateDict, fill_fresh
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 GATE_POSITIONS = ("stage_end", "block", "skip")
 ATTN_LAYERS = ("se", "cbam", "eca", "gc")
-STAGE_STRIDES = (4, 8, 16, 32)
+STAGES = ("1", "2", "3", "4")
 
 
 class DASResNet(ResNet):
-    """ResNet (torchvision key names) with optional timm attention and DAS gates, backbone contract."""
+    """timm ResNet (torchvision key names) with optional timm attention and DAS gates."""
 
     def __init__(
         self,
+        block: str,
+        layers: Sequence[int],
         num_classes: int = 1000,
-        block: str = "bottleneck",
-        layers: Sequence[int] = (3, 4, 6, 3),
         channels: Sequence[int] = (64, 128, 256, 512),
         stem_width: int = 64,
         in_chans: int = 3,
+        global_pool: str = "avg",
         attn_layer: Optional[str] = None,
         gate_stages: Sequence[int] = (),
         gate_position: str = "stage_end",
@@ -88,8 +96,6 @@ class DASResNet(ResNet):
         gate_mode: str = "multiply",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        checkpoint: Optional[str] = None,
-        checkpoint_strict: bool = True,
     ) -> None:
         if block not in BLOCKS:
             raise ValueError(f"model.block={block!r} is not supported; choose one of {', '.join(BLOCKS)}")
@@ -106,12 +112,12 @@ class DASResNet(ResNet):
             num_classes=num_classes,
             in_chans=in_chans,
             stem_width=stem_width,
+            global_pool=global_pool,
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
             block_args=dict(attn_layer=attn_layer),
         )
-        self.stage_channels = tuple(c * BLOCKS[block].expansion for c in channels)
-        self.stage_strides = STAGE_STRIDES
+        widths = tuple(c * BLOCKS[block].expansion for c in channels)
         gate_args: dict[str, Any] = dict(
             reduction=reduction,
             dw_kernel_size=dw_kernel_size,
@@ -121,16 +127,16 @@ class DASResNet(ResNet):
             act=act,
             gate_mode=gate_mode,
         )
+        # Every stage has an entry (identity when ungated) so the forward is the same straight line for all.
+        self.stage_gates = nn.ModuleDict({s: nn.Identity() for s in STAGES})
         if gate_position == "stage_end":
-            self.stage_gates = stage_end_gates(self.stage_channels, gate_stages, offset_groups, **gate_args)
+            self.stage_gates.update(stage_end_gates(widths, gate_stages, offset_groups, **gate_args))
         else:
-            self.stage_gates = nn.ModuleDict()
-            self._add_block_gates(gate_stages, gate_position, offset_groups, attn_layer, gate_args)
-        if checkpoint:
-            load_weights(self, checkpoint, strict=checkpoint_strict, new_modules=gate_names(self))
+            self._add_block_gates(widths, gate_stages, gate_position, offset_groups, attn_layer, gate_args)
 
     def _add_block_gates(
         self,
+        widths: Sequence[int],
         gate_stages: Sequence[int],
         position: str,
         offset_groups: OffsetGroups,
@@ -145,7 +151,7 @@ class DASResNet(ResNet):
         groups = stage_offset_groups(offset_groups, 4)
         for stage in check_gate_stages(gate_stages, 4):
             for blk in getattr(self, f"layer{stage}"):
-                gate = DASGate(self.stage_channels[stage - 1], offset_groups=groups[stage - 1], **gate_args)
+                gate = DASGate(widths[stage - 1], offset_groups=groups[stage - 1], **gate_args)
                 if position == "block":
                     blk.se = gate
                 elif blk.downsample is None:
@@ -153,62 +159,119 @@ class DASResNet(ResNet):
                 else:
                     blk.downsample.append(gate)
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
-        """One feature map per stage (strides 4, 8, 16, 32), after that stage's gate if any."""
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        features = []
-        for stage in range(1, 5):
-            x = getattr(self, f"layer{stage}")(x)
-            if str(stage) in self.stage_gates:
-                x = self.stage_gates[str(stage)](x)
-            features.append(x)
-        return features
+    def fresh_modules(self) -> list[str]:
+        """The DAS gates: a plain ResNet checkpoint has no weights for them."""
+        return gate_names(self)
 
-    def forward_head(self, features: list[Tensor], pre_logits: bool = False) -> Tensor:
-        """Logits (or pooled features when num_classes=0 or pre_logits) from the last stage map."""
-        return super().forward_head(features[-1], pre_logits=pre_logits)
+    def filter_checkpoint(self, state: StateDict) -> StateDict:
+        """torchvision/timm ResNet keys are das-lab's: nothing to rename (see :func:`checkpoint_filter_fn`)."""
+        return state
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Class logits."""
-        return self.forward_head(self.forward_features(x))
+    def _stem(self, x: Tensor) -> Tensor:
+        return self.act1(self.bn1(self.conv1(x)))
+
+    def _stage(self, index: int, x: Tensor) -> Tensor:
+        """Stage ``index`` (1-4) and its gate, its blocks checkpointed when grad checkpointing is on."""
+        layer = getattr(self, f"layer{index}")
+        x = checkpoint_seq(layer, x) if self.grad_checkpointing and not torch.jit.is_scripting() else layer(x)
+        return self.stage_gates[str(index)](x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage map (stride 32), after every gate."""
+        x = self.maxpool(self._stem(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for index in range(1, 5):
+                x = self._stage(index, x)
+            return x
+        x = self.stage_gates["1"](self.layer1(x))
+        x = self.stage_gates["2"](self.layer2(x))
+        x = self.stage_gates["3"](self.layer3(x))
+        return self.stage_gates["4"](self.layer4(x))
+
+    @torch.jit.ignore
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, list[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[list[Tensor], tuple[Tensor, list[Tensor]]]:
+        """timm's intermediates (stem, stages 1-4), each stage map after its DAS gate; ``norm`` has nothing to apply."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: ResNet features are NCHW only")
+        take, max_index = take_indices(self, indices)
+        intermediates = []
+        x = self._stem(x)
+        if 0 in take:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        last = max_index if stop_early else 4
+        for index in range(1, last + 1):
+            x = self._stage(index, x)
+            if index in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, list[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages (and their gates) after the last wanted level, and the head."""
+        take, max_index = take_indices(self, indices)
+        for index in range(max_index + 1, 5):
+            setattr(self, f"layer{index}", nn.Identity())
+            self.stage_gates[str(index)] = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
 
-DEPTHS = {
-    "18": dict(block="basic", layers=(2, 2, 2, 2)),
-    "34": dict(block="basic", layers=(3, 4, 6, 3)),
-    "50": dict(block="bottleneck", layers=(3, 4, 6, 3)),
-    "101": dict(block="bottleneck", layers=(3, 4, 23, 3)),
-}
-# One stage-3 gate with 16 hidden channels at every depth (alpha = 16 / stage-3 channels).
-DAS_REDUCTION = {"basic": 0.0625, "bottleneck": 0.015625}
-# 64 px digits (~5k training images): 0.33 M parameters, 16 MMACs per image; one epoch at batch 64
-# measured 12 s (resnet_tiny) / 14 s (das_resnet_tiny) of single-core CPU time, ~7-9 s on 2 idle cores.
-TINY = dict(block="basic", layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16)
-
-VARIANTS: dict[str, dict[str, Any]] = {
-    **{f"daslab_resnet{d}": dict(arch) for d, arch in DEPTHS.items()},
-    **{
-        f"das_resnet{d}": dict(arch, gate_stages=(3,), reduction=DAS_REDUCTION[arch["block"]])
-        for d, arch in DEPTHS.items()
-    },
-    **{
-        f"{attn}_resnet{d}": dict(DEPTHS[d], attn_layer=attn)
-        for attn in ATTN_LAYERS
-        for d in ("18", "50", "101")
-    },
-    "resnet_tiny": dict(TINY),
-    "das_resnet_tiny": dict(TINY, gate_stages=(2, 3), reduction=0.25),
-}
+def checkpoint_filter_fn(state: StateDict, model: DASResNet) -> StateDict:
+    """A torchvision/timm ResNet (or das-lab) state_dict for ``model``: same keys; DAS gates start fresh."""
+    return fill_fresh(model.filter_checkpoint(state), model)
 
 
-def _register(name: str, defaults: dict[str, Any]) -> None:
+# (timm name, config file, weights of the plain network whose keys it shares)
+_TV = "torchvision ImageNet-1k weights of the plain ResNet-{}; DAS gates/attention layers start fresh"
+VARIANTS: tuple[tuple[str, str, Optional[str]], ...] = (
+    *((f"daslab_resnet{d}", f"resnet{d}", d) for d in ("18", "34", "50", "101")),
+    *((f"das_resnet{d}", f"das_resnet{d}", d) for d in ("18", "34", "50", "101")),
+    *((f"{a}_resnet{d}", f"{a}_resnet{d}", None) for a in ATTN_LAYERS for d in ("18", "50", "101")),
+    ("resnet_tiny", "resnet_tiny", None),
+    ("das_resnet_tiny", "das_resnet_tiny", None),
+)
+
+
+def _cfg(depth: Optional[str], tiny: bool) -> dict[str, Any]:
+    size = 64 if tiny else 224
+    cfg: dict[str, Any] = dict(
+        num_classes=1000, input_size=(3, size, size), pool_size=(size // 32, size // 32), crop_pct=0.875,
+        interpolation="bilinear", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="conv1",
+        classifier="fc", license="mit", paper_ids="arXiv:2311.12091", paper_name="DAS: A Deformable Attention to "
+        "Capture Salient Information in CNNs",
+    )
+    if depth is not None:
+        cfg.update(hf_hub_id=f"timm/resnet{depth}.tv_in1k", license="bsd-3-clause", notes=(_TV.format(depth),))
+    return cfg
+
+
+default_cfgs = generate_default_cfgs({
+    (f"{name}.tv_in1k" if depth else name): _cfg(depth, "tiny" in name)
+    for name, _, depth in VARIANTS
+})
+
+
+def _register(name: str, config: str) -> None:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> DASResNet:
-        return DASResNet(**{**defaults, **entrypoint_kwargs(name, pretrained, kwargs)})
+        return create_variant(
+            DASResNet, name, config, pretrained, kwargs, checkpoint_filter_fn, lambda m: (0, 1, 2, 3, 4)
+        )
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__doc__ = f"{name}: DASResNet({', '.join(f'{k}={v}' for k, v in defaults.items())})."
+    entrypoint.__doc__ = f"{name}: DASResNet with the arguments of conf/model/{config}.yaml."
     register_model(entrypoint)
 
 
-for _name, _defaults in VARIANTS.items():
-    _register(_name, _defaults)
+for _name, _config, _ in VARIANTS:
+    _register(_name, _config)

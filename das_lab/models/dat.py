@@ -2,7 +2,7 @@
 
 Module names, parameter shapes and the forward computation follow LeapLabTHU/DAT
 (``models/dat.py``, ``models/dat_blocks.py``) so that its ImageNet checkpoints load with
-``strict=True`` through the ``checkpoint`` argument. Stages are sequences of blocks given by
+``strict=True`` (``model.checkpoint=<file>``, or ``pretrained=True`` through timm). Stages are sequences of blocks given by
 ``stage_spec``: ``"N"`` neighborhood attention, ``"D"`` deformable multi-head attention. Each
 block is LPU (depthwise 3x3 residual) -> LN -> attention -> LN -> MLP, both with drop path.
 
@@ -13,26 +13,33 @@ resized bicubically on load, as the official ``load_pretrained`` does. Reference
 the actual feature map. Axes of a single position (tiny inputs) get the normalised coordinate
 0, where the official code divides by zero.
 
-Visualisation: ``forward_features(x, return_sampling=True)`` also returns, for each deformable
-block, its sampling positions and reference points (normalised (y, x) in [-1, 1], corners
-aligned with the stage's feature map).
+timm contract: ``forward_features`` returns the last stage map, ``forward_head`` applies the
+classification norm, pooling and head, ``forward_intermediates``/``features_only`` return the
+four stage maps (through ``norms.<i>`` when built with ``out_norms=True``, as the official
+detection backbone), ``set_grad_checkpointing`` checkpoints every block.
+
+Visualisation: ``forward_sampling(x)`` returns the stage maps and, for each deformable block, its
+sampling positions and reference points (normalised (y, x) in [-1, 1], corners aligned with the
+stage's feature map).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, SelectAdaptivePool2d
+from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from das_lab.models.builder import create_variant, take_indices
 from das_lab.models.neighborhood_attention import NeighborhoodAttention2D
-from das_lab.models.weights import read_state_dict
+from das_lab.models.weights import fill_fresh, unwrap_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,7 @@ def _grid(ys: Tensor, xs: Tensor, height: int, width: int, batch: int) -> Tensor
     return torch.stack((grid_y, grid_x), -1)[None].expand(batch, -1, -1, -1)
 
 
+@register_notrace_module  # one FX leaf: sampling grids depend on the map size
 class DeformableAttention(nn.Module):
     """Deformable multi-head attention ('D' block): keys/values sampled at learned offsets of a reference grid."""
 
@@ -285,20 +293,35 @@ class DATStage(nn.Module):
                 ))
         self.drop_path = nn.ModuleList(DropPath(p) if p > 0 else nn.Identity() for p in drop_path)
 
+        self.grad_checkpointing = False
+
+    def _block(self, d: int, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Block ``d``: LPU, attention, MLP; with a deformable block's sampling positions and references."""
+        if self.use_lpu:
+            x = x + self.local_perception_units[d](x.contiguous())
+        out = self.attns[d](self.layer_norms[2 * d](x))
+        pos = ref = None
+        if self.stage_spec[d] == "D":
+            out, pos, ref = out
+        x = x + self.drop_path[d](self.layer_scales[2 * d](out))
+        out = self.mlps[d](self.layer_norms[2 * d + 1](x))
+        return x + self.drop_path[d](self.layer_scales[2 * d + 1](out)), pos, ref
+
     def forward(self, x: Tensor) -> tuple[Tensor, list[tuple[int, Tensor, Tensor]]]:
-        """Map after all blocks, and (block index, positions, references) of each deformable block."""
+        """Map after all blocks, and (block index, positions, references) of each deformable block.
+
+        With ``grad_checkpointing`` each block is recomputed in the backward pass instead of
+        keeping its activations (``torch.utils.checkpoint``, non-reentrant).
+        """
         x = self.proj(x)
         samples = []
-        for d, kind in enumerate(self.stage_spec):
-            if self.use_lpu:
-                x = x + self.local_perception_units[d](x.contiguous())
-            out = self.attns[d](self.layer_norms[2 * d](x))
-            if kind == "D":
-                out, pos, ref = out
+        for d in range(len(self.stage_spec)):
+            if self.grad_checkpointing and x.requires_grad:
+                x, pos, ref = checkpoint(self._block, d, x, use_reentrant=False)
+            else:
+                x, pos, ref = self._block(d, x)
+            if pos is not None:
                 samples.append((d, pos, ref))
-            x = x + self.drop_path[d](self.layer_scales[2 * d](out))
-            out = self.mlps[d](self.layer_norms[2 * d + 1](x))
-            x = x + self.drop_path[d](self.layer_scales[2 * d + 1](out))
         return x, samples
 
 
@@ -311,20 +334,28 @@ def _per_stage(name: str, values: Sequence[Any]) -> list[Any]:
 
 
 class DAT(nn.Module):
-    """DAT++ backbone + classifier; arguments and defaults are the official DAT-T++ configuration."""
+    """DAT++ backbone + classifier as a timm model; the sizes of each variant are in its conf/model file.
+
+    The switches (``use_pes``, ``dwc_pes``, ...) default to DAT++'s design; ``dims``, ``depths``,
+    ``heads``, ``stage_spec``, ``groups`` and ``dim_stem`` have no default: they are what a variant is.
+    ``out_norms`` adds the official detection backbone's LayerNorm on every stage output
+    (``norms.<i>``), applied to what ``forward_intermediates``/``features_only`` return.
+    """
 
     def __init__(
         self,
+        dim_stem: int,
+        dims: Sequence[int],
+        depths: Sequence[int],
+        heads: Sequence[int],
+        stage_spec: Sequence[Sequence[str]],
+        groups: Sequence[int],
         img_size: int = 224,
         patch_size: int = 4,
+        in_chans: int = 3,
         num_classes: int = 1000,
+        global_pool: str = "avg",
         expansion: int = 4,
-        dim_stem: int = 64,
-        dims: Sequence[int] = (64, 128, 256, 512),
-        depths: Sequence[int] = (2, 4, 18, 2),
-        heads: Sequence[int] = (2, 4, 8, 16),
-        stage_spec: Sequence[Sequence[str]] = (("N", "D"), ("N", "D") * 2, ("N", "D") * 9, ("D", "D")),
-        groups: Sequence[int] = (1, 2, 4, 8),
         strides: Sequence[int] = (8, 4, 2, 1),
         offset_range_factor: Sequence[float] = (-1, -1, -1, -1),
         use_pes: Sequence[bool] = (True, True, True, True),
@@ -340,8 +371,8 @@ class DAT(nn.Module):
         use_conv_patches: bool = True,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.2,
-        checkpoint: str | None = None,
+        drop_path_rate: float = 0.0,
+        out_norms: bool = False,
     ) -> None:
         super().__init__()
         dims, depths, heads = _per_stage("dims", dims), _per_stage("depths", depths), _per_stage("heads", heads)
@@ -366,15 +397,18 @@ class DAT(nn.Module):
             raise ValueError(f"model.img_size={img_size} must be a multiple of {patch_size * 8} (patch_size x 8)")
 
         self.num_classes = num_classes
-        self.stage_channels = tuple(dims)
-        self.stage_strides = tuple(patch_size * 2 ** i for i in range(4))
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.drop_rate = drop_rate
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f"stages.{i}") for i in range(4)
+        ]
         if use_conv_patches:
             self.patch_proj = nn.Sequential(
-                nn.Conv2d(3, dim_stem // 2, 3, patch_size // 2, 1), ChannelLayerNorm(dim_stem // 2), nn.GELU(),
+                nn.Conv2d(in_chans, dim_stem // 2, 3, patch_size // 2, 1), ChannelLayerNorm(dim_stem // 2), nn.GELU(),
                 nn.Conv2d(dim_stem // 2, dim_stem, 3, patch_size // 2, 1), ChannelLayerNorm(dim_stem),
             )
         else:
-            self.patch_proj = nn.Sequential(nn.Conv2d(3, dim_stem, patch_size, patch_size), ChannelLayerNorm(dim_stem))
+            self.patch_proj = nn.Sequential(nn.Conv2d(in_chans, dim_stem, patch_size, patch_size), ChannelLayerNorm(dim_stem))
 
         drop_path = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
@@ -393,123 +427,182 @@ class DAT(nn.Module):
             nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], kernel, 2, padding, bias=False), ChannelLayerNorm(dims[i + 1]))
             for i in range(3)
         )
+        self.norms = nn.ModuleList(ChannelLayerNorm(d) for d in dims) if out_norms else None
         self.cls_norm = ChannelLayerNorm(dims[-1])
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.cls_head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        if checkpoint is not None:
-            load_checkpoint(self, checkpoint)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Position tables are exempt from weight decay, as in the official recipe (timm reads this)."""
         return {name for name, _ in self.named_parameters() if "rpe_table" in name}
 
-    def forward_features(
-        self, x: Tensor, return_sampling: bool = False,
-    ) -> list[Tensor] | tuple[list[Tensor], list[DeformableSampling]]:
-        """Four stage maps (B, C_i, H_i, W_i); with ``return_sampling`` also each deformable block's sampling."""
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in the backward pass instead of storing its activations."""
+        for stage in self.stages:
+            if isinstance(stage, DATStage):
+                stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.cls_head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh ``num_classes`` head (0: none); ``global_pool=''`` keeps the map unpooled."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        self.cls_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def fresh_modules(self) -> list[str]:
+        """The detection norms: ImageNet checkpoints (official or das-lab) have none."""
+        return ["norms"] if self.norms is not None else []
+
+    def filter_checkpoint(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Official DAT++ / das-lab keys fitted to this model (see :func:`checkpoint_filter_fn`)."""
+        return adapt_state_dict(state, self)
+
+    def _stage(self, i: int, x: Tensor) -> tuple[Tensor, list[tuple[int, Tensor, Tensor]]]:
+        """Stage ``i`` (after the down-projection that feeds it)."""
+        if i > 0:
+            x = self.down_projs[i - 1](x)
+        return self.stages[i](x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage map (B, dims[-1], H/32, W/32), before the classification norm."""
+        x = self.patch_proj(x)
+        for i in range(len(self.stages)):
+            x, _ = self._stage(i, x)
+        return x
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's intermediates: the four stage maps (strides 4-32).
+
+        With ``out_norms`` each map passes its stage norm (``norms.<i>``, the official detection
+        backbone's outputs); otherwise ``norm=True`` applies the classification norm to the last map.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: DAT++ features are NCHW only")
+        take, max_index = take_indices(self, indices)
+        intermediates = []
+        x = self.patch_proj(x)
+        for i in range(max_index + 1 if stop_early else len(self.stages)):
+            x, _ = self._stage(i, x)
+            if i in take:
+                if self.norms is not None:
+                    intermediates.append(self.norms[i](x))
+                else:
+                    intermediates.append(self.cls_norm(x) if norm and i == 3 else x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last wanted one (and the norm/head)."""
+        take, max_index = take_indices(self, indices)
+        self.stages = self.stages[: max_index + 1]
+        self.down_projs = self.down_projs[:max_index]
+        if prune_norm:
+            self.cls_norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    @torch.jit.ignore
+    def forward_sampling(self, x: Tensor) -> tuple[list[Tensor], list[DeformableSampling]]:
+        """The four stage maps and, for each deformable block, where it sampled its keys (for the figures)."""
         x = self.patch_proj(x)
         features, sampling = [], []
-        for i, stage in enumerate(self.stages):
-            x, samples = stage(x)
+        for i in range(len(self.stages)):
+            x, samples = self._stage(i, x)
             features.append(x)
             sampling.extend(DeformableSampling(i, block, pos, ref) for block, pos, ref in samples)
-            if i < 3:
-                x = self.down_projs[i](x)
-        return (features, sampling) if return_sampling else features
+        return features, sampling
 
-    def forward_head(self, features: list[Tensor]) -> Tensor:
-        """Logits (or pooled features when num_classes=0) from the last stage map."""
-        x = self.cls_norm(features[-1])
-        return self.cls_head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Classification norm, pooling, then logits (pooled features with ``pre_logits`` or num_classes=0)."""
+        x = self.global_pool(self.cls_norm(x))
+        x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.cls_head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
 
 def adapt_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Fit a DAT++ state_dict to ``model``: resize position tables bicubically, drop a head of another size."""
+    """An official DAT++ or das-lab state_dict with its position tables resized bicubically to ``model``'s."""
     own = model.state_dict()
     adapted = {}
-    for key, value in state_dict.items():
+    for key, value in unwrap_state_dict(state_dict).items():
         target = own.get(key)
-        if target is None or target.shape == value.shape:
-            adapted[key] = value
-        elif key.endswith("rpe_table") and value.dim() == 3:
-            adapted[key] = F.interpolate(value[None].float(), size=target.shape[1:], mode="bicubic")[0].to(value.dtype)
-        elif key.startswith("cls_head."):
-            log.warning("checkpoint head %s has shape %s, model needs %s: keeping a fresh head",
-                        key, tuple(value.shape), tuple(target.shape))
-        else:
-            raise ValueError(
-                f"checkpoint entry {key} has shape {tuple(value.shape)} but the model expects {tuple(target.shape)}; "
-                f"build the model with the checkpoint's architecture (model.dims/heads/groups/...)"
-            )
+        if key.endswith("rpe_table") and target is not None and value.dim() == 3 and target.shape != value.shape:
+            value = F.interpolate(value[None].float(), size=target.shape[1:], mode="bicubic")[0].to(value.dtype)
+        adapted[key] = value
     return adapted
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load an official DAT++ ``.pth`` (its ``model`` entry), a state_dict or a das-lab ``.ckpt`` strictly."""
-    state = read_state_dict(path)
-    adapted = adapt_state_dict(state, model)
-    missing, unexpected = model.load_state_dict(adapted, strict=False)
-    dropped_head = {key for key in state if key.startswith("cls_head.") and key not in adapted}
-    missing = [key for key in missing if key not in dropped_head]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not match this DAT++ model: missing {missing[:5]}{'...' if len(missing) > 5 else ''} "
-            f"({len(missing)}), unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)}); "
-            f"use the model config of the checkpoint's variant (dat_tiny/dat_small/dat_base)"
-        )
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: DAT) -> dict[str, Tensor]:
+    """timm's ``pretrained=True`` filter: official keys adapted; a head of another size and detection norms start fresh."""
+    adapted = adapt_state_dict(state_dict, model)
+    for key, value in model.state_dict().items():
+        if key.startswith("cls_head.") and (key not in adapted or adapted[key].shape != value.shape):
+            log.warning("checkpoint head %s does not fit a %d-class model: keeping a fresh head", key, model.num_classes)
+            adapted[key] = value
+    return fill_fresh(adapted, model)
 
 
-_STAGE_SPEC = [["N", "D"], ["N", "D"] * 2, ["N", "D"] * 9, ["D", "D"]]
-_DAT_PP_COMMON: dict[str, Any] = dict(
-    depths=[2, 4, 18, 2], stage_spec=_STAGE_SPEC, strides=[8, 4, 2, 1], offset_range_factor=[-1, -1, -1, -1],
-    use_pes=[True] * 4, dwc_pes=[False] * 4, fixed_pes=[False] * 4, no_offs=[False] * 4, log_cpb=[False] * 4,
-    ksizes=[9, 7, 5, 3], nat_ksizes=[7, 7, 7, 7], use_dwc_mlps=[True] * 4, use_lpus=[True] * 4,
-    layer_scale_values=[-1, -1, -1, -1], use_conv_patches=True, expansion=4, patch_size=4, img_size=224,
+_OFFICIAL = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+_CFG: dict[str, Any] = dict(
+    num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, interpolation="bicubic",
+    mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="patch_proj.0", classifier="cls_head",
+    license="apache-2.0", paper_ids="arXiv:2309.01430",
+    paper_name="DAT++: Spatially Dynamic Vision Transformer with Deformable Attention",
+    origin_url="https://github.com/LeapLabTHU/DAT",
 )
-VARIANTS: dict[str, dict[str, Any]] = {
-    "dat_tiny": dict(_DAT_PP_COMMON, dim_stem=64, dims=[64, 128, 256, 512], heads=[2, 4, 8, 16], groups=[1, 2, 4, 8],
-                     drop_path_rate=0.2),
-    "dat_small": dict(_DAT_PP_COMMON, dim_stem=96, dims=[96, 192, 384, 768], heads=[3, 6, 12, 24], groups=[1, 2, 3, 6],
-                      drop_path_rate=0.4),
-    "dat_base": dict(_DAT_PP_COMMON, dim_stem=128, dims=[128, 256, 512, 1024], heads=[4, 8, 16, 32],
-                     groups=[2, 4, 8, 16], drop_path_rate=0.7),
-    "dat_nano": dict(_DAT_PP_COMMON, img_size=64, dim_stem=16, dims=[16, 32, 64, 128], depths=[2, 2, 2, 1],
-                     heads=[1, 2, 2, 4], groups=[1, 1, 1, 2], strides=[4, 2, 1, 1],
-                     stage_spec=[["N", "D"], ["N", "D"], ["N", "D"], ["D"]], drop_path_rate=0.1),
-}
+default_cfgs = generate_default_cfgs({
+    "dat_tiny.in1k": dict(_CFG, url=_OFFICIAL.format("14c5ddae10b642e68089"), notes=("dat_pp_tiny_in1k_224.pth",)),
+    "dat_small.in1k": dict(_CFG, url=_OFFICIAL.format("4c2a76360c964fbd81d5"), notes=("dat_pp_small_in1k_224.pth",)),
+    "dat_base.in1k": dict(_CFG, url=_OFFICIAL.format("8e30492404d348d89f25"), notes=("dat_pp_base_in1k_224.pth",)),
+    "dat_base.in1k_384": dict(
+        _CFG, url=_OFFICIAL.format("032dc804cdf44bf18bb5"), input_size=(3, 384, 384), pool_size=(12, 12),
+        crop_pct=1.0, notes=("dat_pp_base_in1k_384.pth; build with img_size=384",),
+    ),
+    "dat_nano": dict(_CFG, input_size=(3, 64, 64), pool_size=(2, 2)),
+})
 
 
 def _create(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> DAT:
-    """Build a named variant; timm's pretrained/cfg arguments are accepted, weights come from ``checkpoint``."""
-    if pretrained:
-        raise ValueError(f"{variant}: das-lab downloads no weights; pass checkpoint=/path/to/official.pth instead")
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
-    return DAT(**{**VARIANTS[variant], **kwargs})
+    return create_variant(DAT, variant, variant, pretrained, kwargs, checkpoint_filter_fn, lambda m: (0, 1, 2, 3))
 
 
-@timm.models.register_model
+@register_model
 def dat_tiny(pretrained: bool = False, **kwargs: Any) -> DAT:
     """DAT-T++ (24M params, 4.3 GFLOPs at 224)."""
     return _create("dat_tiny", pretrained, kwargs)
 
 
-@timm.models.register_model
+@register_model
 def dat_small(pretrained: bool = False, **kwargs: Any) -> DAT:
     """DAT-S++ (53M params, 9.4 GFLOPs at 224)."""
     return _create("dat_small", pretrained, kwargs)
 
 
-@timm.models.register_model
+@register_model
 def dat_base(pretrained: bool = False, **kwargs: Any) -> DAT:
     """DAT-B++ (94M params, 16.6 GFLOPs at 224; use img_size=384 for the 384 fine-tuned model)."""
     return _create("dat_base", pretrained, kwargs)
 
 
-@timm.models.register_model
+@register_model
 def dat_nano(pretrained: bool = False, **kwargs: Any) -> DAT:
     """A small DAT++ that trains on 64x64 images on a CPU in minutes."""
     return _create("dat_nano", pretrained, kwargs)

@@ -1,8 +1,10 @@
-"""Any das-lab backbone as a torchvision detection backbone: its stage maps through an FPN.
+"""Any timm model as a torchvision detection backbone: its stride 4-32 maps through an FPN.
 
-One adapter serves every model that follows the backbone contract (``forward_features`` returns
-one map per stage, ``stage_channels``, ``stage_strides``): plain ResNets, DAS-ResNets and DAT++
-alike, so no detector is wired per model.
+One adapter serves every model with timm's feature API (``feature_info`` and
+``forward_intermediates``): das-lab's DAS-ResNets (maps after their gates) and DAT++ (through its
+stage norms when built with ``out_norms``), and any timm model (``model=timm model.name=resnet50``,
+``convnext_tiny``, ``swin_tiny_patch4_window7_224``), so no detector is wired per model. FPN
+"stages" 1-4 are the model's feature levels of stride 4, 8, 16 and 32.
 """
 
 from __future__ import annotations
@@ -21,21 +23,43 @@ from torchvision.ops.feature_pyramid_network import (
 )
 
 _EXTRA_BLOCKS = ("maxpool", "p6p7")
+STAGE_STRIDES = (4, 8, 16, 32)
 
 
 def check_backbone_contract(net: nn.Module) -> None:
     """Fail early, naming what is missing, when a model cannot feed an FPN."""
-    missing = [name for name in ("forward_features", "stage_channels", "stage_strides") if not hasattr(net, name)]
+    missing = [name for name in ("forward_intermediates", "feature_info") if not hasattr(net, name)]
     if missing:
         raise TypeError(
-            f"{type(net).__name__} lacks {', '.join(missing)}: detection needs a das-lab backbone whose "
-            "forward_features returns one map per stage (see the backbone contract)"
+            f"{type(net).__name__} lacks {', '.join(missing)}: detection takes multi-scale features through timm's "
+            "API; use a timm model (model=timm model.name=<timm name>) or a das-lab model"
         )
-    if len(net.stage_channels) != len(net.stage_strides):
+    stage_levels(net)
+
+
+def stage_levels(net: nn.Module) -> tuple[int, int, int, int]:
+    """Indices into ``net.feature_info`` of the stride 4, 8, 16 and 32 maps (FPN stages 1-4)."""
+    reductions = [info["reduction"] for info in net.feature_info]
+    missing = [stride for stride in STAGE_STRIDES if stride not in reductions]
+    if missing:
         raise ValueError(
-            f"{type(net).__name__}: stage_channels {tuple(net.stage_channels)} and stage_strides "
-            f"{tuple(net.stage_strides)} must have one entry per stage"
+            f"{type(net).__name__} has feature maps of strides {reductions}, but detection needs strides "
+            f"{list(STAGE_STRIDES)}; choose a hierarchical backbone (ResNet, ConvNeXt, Swin, DAT++)"
         )
+    return tuple(len(reductions) - 1 - reductions[::-1].index(stride) for stride in STAGE_STRIDES)
+
+
+def stage_channels(net: nn.Module) -> tuple[int, ...]:
+    """Channels of FPN stages 1-4."""
+    return tuple(net.feature_info[level]["num_chs"] for level in stage_levels(net))
+
+
+def stage_maps(net: nn.Module, x: torch.Tensor, stages: Sequence[int]) -> list[torch.Tensor]:
+    """The maps of FPN ``stages`` (1-4) of ``x``, through timm's ``forward_intermediates``."""
+    levels = stage_levels(net)
+    return net.forward_intermediates(
+        x, indices=[levels[s - 1] for s in stages], stop_early=True, output_fmt="NCHW", intermediates_only=True
+    )
 
 
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
@@ -69,15 +93,14 @@ def freeze_stages(net: nn.Module, frozen_stages: int, probe_size: int = 224) -> 
     """
     if frozen_stages == 0:
         return []
-    stages = len(net.stage_channels)
-    if not 0 <= frozen_stages <= stages:
-        raise ValueError(f"task.frozen_stages={frozen_stages}: expected 0 (train all) to {stages} (all stages)")
+    if not 0 <= frozen_stages <= len(STAGE_STRIDES):
+        raise ValueError(f"task.frozen_stages={frozen_stages}: expected 0 (train all) to 4 (all stages)")
     named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
     was_training = net.training
     net.eval()
     with torch.enable_grad():
         probe = torch.zeros(1, 3, probe_size, probe_size, device=named[0][1].device)
-        feature = net.forward_features(probe)[frozen_stages - 1]
+        (feature,) = stage_maps(net, probe, [frozen_stages])
         grads = torch.autograd.grad(feature.sum(), [p for _, p in named], allow_unused=True)
     net.train(was_training)
     frozen = [name for (name, p), grad in zip(named, grads) if grad is not None]
@@ -104,9 +127,8 @@ class FPNBackbone(nn.Module):
     ) -> None:
         super().__init__()
         check_backbone_contract(net)
-        stages = len(net.stage_channels)
-        if not returned_stages or any(not 1 <= s <= stages for s in returned_stages):
-            raise ValueError(f"returned_stages={tuple(returned_stages)}: expected stage numbers between 1 and {stages}")
+        if not returned_stages or any(not 1 <= s <= 4 for s in returned_stages):
+            raise ValueError(f"returned_stages={tuple(returned_stages)}: expected stage numbers between 1 and 4")
         if list(returned_stages) != sorted(set(returned_stages)):
             raise ValueError(f"returned_stages={tuple(returned_stages)}: expected increasing, distinct stage numbers")
         if extra_block not in _EXTRA_BLOCKS:
@@ -116,22 +138,16 @@ class FPNBackbone(nn.Module):
         self.out_channels = out_channels
         extra: ExtraFPNBlock = LastLevelMaxPool() if extra_block == "maxpool" else LastLevelP6P7(out_channels, out_channels)
         self.fpn = FeaturePyramidNetwork(
-            [net.stage_channels[s - 1] for s in self.returned_stages], out_channels, extra_blocks=extra
+            [stage_channels(net)[s - 1] for s in self.returned_stages], out_channels, extra_blocks=extra
         )
 
     @property
     def strides(self) -> tuple[int, ...]:
         """Strides of the returned FPN levels, extra levels included (each halves the resolution)."""
-        base = tuple(self.net.stage_strides[s - 1] for s in self.returned_stages)
+        base = tuple(STAGE_STRIDES[s - 1] for s in self.returned_stages)
         extra = 1 if isinstance(self.fpn.extra_blocks, LastLevelMaxPool) else 2
         return base + tuple(base[-1] * 2 ** (i + 1) for i in range(extra))
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        features = self.net.forward_features(x)
-        if len(features) != len(self.net.stage_channels):
-            raise RuntimeError(
-                f"{type(self.net).__name__}.forward_features returned {len(features)} maps but stage_channels "
-                f"lists {len(self.net.stage_channels)}"
-            )
-        selected = OrderedDict((str(i), features[s - 1]) for i, s in enumerate(self.returned_stages))
-        return self.fpn(selected)
+        features = stage_maps(self.net, x, self.returned_stages)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))

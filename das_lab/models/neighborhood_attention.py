@@ -23,6 +23,7 @@ import logging
 from typing import Callable
 
 import torch
+from timm.models import register_notrace_module
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ def neighborhood_attention(
     return av(attn, v, kernel_size)
 
 
+@register_notrace_module  # one FX leaf: windows depend on the map size and NATTEN dispatch is Python
 class NeighborhoodAttention2D(nn.Module):
     """DAT++'s 'N' block attention on (B, C, H, W) maps; parameter names match the official code."""
 

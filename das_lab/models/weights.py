@@ -13,7 +13,7 @@ import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 
 _NESTED_KEYS = ("state_dict", "model")
 _PREFIXES = ("net.", "module.")
-_CLASSIFIER_NAMES = ("fc", "classifier", "head")
-_TIMM_FACTORY_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+_CLASSIFIER_NAMES = ("fc", "classifier", "head", "cls_head")
+
+StateDict = dict[str, Tensor]
+FilterFn = Callable[[StateDict, nn.Module], StateDict]
 
 
 @dataclass
@@ -60,6 +62,14 @@ class LoadReport:
         return "; ".join(hints)
 
     def __str__(self) -> str:
+        if not self.loaded:
+            file_key = self.unexpected[0] if self.unexpected else "none"
+            model_key = (self.missing + self.expected_missing + [k for k, _, _ in self.mismatched] or ["none"])[0]
+            return (
+                f"weights {self.path}: no key fits this model (file has e.g. {file_key!r}, the model expects e.g. "
+                f"{model_key!r}); expected a das-lab, official DAT++ or torchvision/timm ResNet checkpoint "
+                f"of this architecture"
+            )
         lines = [f"weights {self.path}: {len(self.loaded)} tensors loaded"]
         if self.expected_missing:
             lines.append(f"  new in the model (freshly initialised): {_short(self.expected_missing)}")
@@ -107,16 +117,39 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
             f"{path} holds pickled Python objects besides tensors, so it is not loaded (weights_only=True); "
             f"if you trust it, re-save just the weights: torch.save(model.state_dict(), path)"
         ) from err
+    return unwrap_state_dict(obj, str(path))
+
+
+def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The network's tensors inside a loaded checkpoint object, wrapper entries and prefixes removed."""
     for key in _NESTED_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(
-            f"{path} holds no state_dict: expected a dict of tensors, or one under 'state_dict' or 'model' "
+            f"{source} holds no state_dict: expected a dict of tensors, or one under 'state_dict' or 'model' "
             f"(Lightning .ckpt, training-script checkpoints)"
         )
     return _strip_prefixes(obj)
+
+
+def fill_fresh(state: Mapping[str, Tensor], model: nn.Module) -> StateDict:
+    """``state`` completed with the model's own (fresh) tensors of its ``fresh_modules()``, for timm's strict load.
+
+    timm's ``pretrained=True`` loads strictly after the family's ``checkpoint_filter_fn``; the
+    modules a base-network checkpoint cannot hold (DAS gates, detection norms) keep their
+    initialisation, and the load says which.
+    """
+    state = unwrap_state_dict(dict(state))
+    prefixes = fresh_modules(model)
+    fresh = {
+        key: value for key, value in model.state_dict().items()
+        if key not in state and any(key == p or key.startswith(p + ".") for p in prefixes)
+    }
+    if fresh:
+        log.info("pretrained weights: %d tensors start fresh (%s)", len(fresh), _short(sorted(fresh)))
+    return {**state, **fresh}
 
 
 def compare_state_dicts(
@@ -136,33 +169,39 @@ def compare_state_dicts(
     return report
 
 
+def fresh_modules(model: nn.Module) -> list[str]:
+    """Modules a checkpoint of the base network cannot hold (DAS gates, detection norms), per the model."""
+    declared = getattr(model, "fresh_modules", None)
+    return list(declared()) if callable(declared) else []
+
+
 def load_weights(
     model: nn.Module,
     path: Union[str, Path],
     *,
     strict: bool = True,
-    new_modules: Sequence[str] = (),
+    new_modules: Optional[Sequence[str]] = None,
+    filter_fn: Optional[FilterFn] = None,
 ) -> LoadReport:
     """Load ``path`` into ``model`` and return what fitted; raise with a hint when it does not.
 
-    ``new_modules`` are name prefixes of modules the file cannot contain (e.g. DAS gates added to
-    a plain ResNet): their keys start fresh without failing a strict load. A non-strict load
-    skips missing, unexpected and shape-mismatched keys and reports them, but still fails when
-    nothing at all matches (wrong file).
+    ``filter_fn`` maps a foreign layout onto the model's keys first (the family's
+    ``checkpoint_filter_fn``: official DAT++ keys, torchvision/timm ResNet keys); by default the
+    model's own ``filter_checkpoint`` method is used when it has one. ``new_modules`` are
+    name prefixes of modules the file cannot contain (e.g. DAS gates added to a plain ResNet;
+    default: the model's ``fresh_modules()``): their keys start fresh without failing a strict
+    load. A non-strict load skips missing, unexpected and shape-mismatched keys and reports them,
+    but still fails when nothing at all matches (wrong file).
     """
     state = read_state_dict(path)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    elif callable(getattr(model, "filter_checkpoint", None)):
+        state = model.filter_checkpoint(state)
+    new_modules = fresh_modules(model) if new_modules is None else new_modules
     report = compare_state_dicts(model.state_dict(), state, str(path), new_modules)
     if not report.loaded or (strict and not report.clean):
         raise WeightsMismatchError(report)
     model.load_state_dict({key: state[key] for key in report.loaded}, strict=False)
     log.info("%s", report)
     return report
-
-
-def entrypoint_kwargs(name: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Constructor kwargs from a ``timm.create_model`` call; das-lab takes weights from files only."""
-    if pretrained:
-        raise ValueError(
-            f"{name}: das-lab downloads no weights; pass checkpoint=<path to a .pth/.ckpt> instead of pretrained=True"
-        )
-    return {key: value for key, value in kwargs.items() if key not in _TIMM_FACTORY_ARGS}
