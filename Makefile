@@ -9,7 +9,7 @@ STAMP := $(VENV)/.das-lab-installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,export]'
 	touch $(STAMP)
 
 install: $(STAMP)
