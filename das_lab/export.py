@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from das_lab.model_card import model_card
@@ -57,8 +57,11 @@ def write_timm_folder(net: nn.Module, datamodule: Any, out_dir: Path) -> dict[st
     labels = {"label_names": list(datamodule.class_names)} if datamodule.class_names else {}
     if not labels:
         log.warning("label names unknown until the dataset is read: config.json lists none")
-    save_for_hf(net, str(out_dir), model_config=labels, data_config=datamodule.eval_data_config(),
-                safe_serialization=True)
+    # the config's lists arrive as OmegaConf containers: config.json needs plain values
+    model_args = {key: OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+                  for key, value in getattr(net, "_model_args", {}).items()}
+    save_for_hf(net, str(out_dir), model_config=labels, model_args=model_args,
+                data_config=datamodule.eval_data_config(), safe_serialization=True)
     return json.loads((out_dir / "config.json").read_text())["pretrained_cfg"]
 
 
