@@ -22,17 +22,21 @@ FORMATS = ("timm", "onnx")
 ONNX_FILE = "model.onnx"
 
 
-def prepare_out_dir(out: str, overwrite: bool) -> Path:
-    """The export folder, refusing to mix a new export into an existing non-empty folder unless told to."""
+def check_out_dir(out: str, overwrite: bool) -> Path:
+    """The export folder; a new export never mixes into an existing non-empty folder unless ``overwrite``."""
     path = Path(out).expanduser().absolute()
     if path.exists() and not path.is_dir():
         raise ValueError(f"out={out} is a file; give a folder for the export")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise ValueError(f"out={out} exists and is not empty; choose a new folder or pass overwrite=true")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"out={out} exists and is not empty; choose a new folder or pass overwrite=true")
     return path
+
+
+def empty_out_dir(path: Path) -> None:
+    """Create the export folder, clearing what an earlier export left (only reached with overwrite=true)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
 
 
 def load_classifier(ckpt_path: str) -> tuple[nn.Module, Any, DictConfig]:
@@ -113,8 +117,9 @@ def export(cfg: DictConfig) -> Optional[float]:
             import onnxscript  # noqa: F401
         except ImportError as error:
             raise ValueError(f"format=onnx needs the export extra ({error.name} missing): pip install 'das-lab[export]'")
-    out_dir = prepare_out_dir(cfg.out, cfg.overwrite)
+    out_dir = check_out_dir(cfg.out, cfg.overwrite)
     net, datamodule, data_cfg = load_classifier(cfg.ckpt_path)
+    empty_out_dir(out_dir)
     input_size = datamodule.eval_data_config()["input_size"]
     if cfg.format == "timm":
         pretrained_cfg = write_timm_folder(net, datamodule, out_dir)

@@ -12,7 +12,8 @@ import timm
 import torch
 
 from cli_helpers import TINY, read_metrics, run_cli, run_dirs
-from das_lab.export import check_onnx, main as export_main, prepare_out_dir, sample_batch, write_onnx
+from das_lab.export import check_onnx, check_out_dir, empty_out_dir, sample_batch, write_onnx
+from das_lab.export import main as export_main
 from das_lab.pipeline import restore_checkpoint
 
 
@@ -123,5 +124,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 def test_overwrite_empties_the_folder(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.onnx").write_text("stale")
-    assert prepare_out_dir(str(tmp_path / "out"), overwrite=True) == tmp_path / "out"
-    assert list((tmp_path / "out").iterdir()) == []
+    out = check_out_dir(str(tmp_path / "out"), overwrite=True)
+    assert out == tmp_path / "out" and (out / "old.onnx").exists()
+    empty_out_dir(out)
+    assert out.is_dir() and list(out.iterdir()) == []
