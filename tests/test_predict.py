@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import TINY, read_metrics, run_cli, run_dirs
+from cli_helpers import run_cli
 from das_lab.data.digits import DigitsDataModule
 from das_lab.data.image_io import read_rgb
 from das_lab.export import main as export_main
@@ -19,11 +19,9 @@ from das_lab.visualize import eval_transform, load_network
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, str, Path]:
-    """A tiny DAS-ResNet trained on digits, and a folder of its test canvases as PNGs (plus two broken files)."""
-    root = tmp_path_factory.mktemp("predict")
-    result = run_cli(["train", *TINY], cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
+def trained(tiny_checkpoint) -> tuple[Path, str, Path]:
+    """The shared tiny digits checkpoint (conftest.py) and a folder of test canvases as PNGs (plus two broken files)."""
+    root, ckpt = tiny_checkpoint
     images = root / "images"
     (images / "more").mkdir(parents=True)
     data = DigitsDataModule(image_size=32, digit_size=16, num_distractors=2, train_copies=1, eval_copies=1)
@@ -33,7 +31,7 @@ def trained(tmp_path_factory) -> tuple[Path, str, Path]:
         Image.fromarray(canvas).save(images / ("more" if i == 4 else ".") / f"digit{i}.png")
     (images / "broken.png").write_bytes(b"\x89PNG not really")
     (images / "notes.txt").write_text("not an image")
-    return root, read_metrics(run_dirs(root)[0])["ckpt_best"], images
+    return root, ckpt, images
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
