@@ -94,7 +94,7 @@ def test_features_only_is_forward_intermediates_and_prunes(name):
     full = timm.create_model(name, **TINY[name]).eval()
     torch.manual_seed(0)
     feats = timm.create_model(name, features_only=True, out_indices=(1, 2), **TINY[name])
-    assert isinstance(feats, FeatureGetterNet)
+    assert isinstance(feats, FeatureGetterNet) and feats.pretrained_cfg["architecture"] == name
     feats.model.load_state_dict(full.state_dict(), strict=False)
     feats.eval()
     assert feats.feature_info.channels() == [full.feature_info[i]["num_chs"] for i in (1, 2)]

@@ -16,10 +16,12 @@ import difflib
 from typing import Any, Callable, Optional
 
 import timm
+import torch
 from omegaconf import DictConfig, OmegaConf
 from timm.models import build_model_with_cfg, get_pretrained_cfg
 from timm.models._features import FeatureGetterNet, feature_take_indices
-from torch import nn
+from timm.models._builder import pretrained_cfg_for_features
+from torch import Tensor, nn
 
 from das_lab.config import config_dir
 from das_lab.models.weights import FilterFn, load_weights
@@ -104,7 +106,9 @@ def create_variant(
     if not features_only:
         return model
     indices = default_out_indices(model) if out_indices is None else tuple(out_indices)
-    return FeatureGetterNet(model, out_indices=indices, **feature_args)
+    features = FeatureGetterNet(model, out_indices=indices, **feature_args)
+    features.pretrained_cfg = features.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    return features
 
 
 def _unknown_name(name: str) -> str:
@@ -140,3 +144,66 @@ def take_indices(model: nn.Module, indices: Optional[int | list[int] | tuple[int
             f"out_indices/indices={indices!r}: {type(model).__name__} has feature levels 0..{levels - 1} "
             f"(strides {strides}; negative indices count from the end): {err}"
         ) from None
+
+
+class FeatureLevels:
+    """timm's ``forward_intermediates`` and ``prune_intermediate_layers`` over a model's ``feature_info`` levels.
+
+    A family defines ``_level(level, x)`` (the computation from the previous level's map to this
+    level's, gates included) and ``_prune_levels_after(level)``; what the intermediates return per
+    level (``_level_output``, e.g. DAT++'s stage norms) and the head/norm pruning have defaults.
+    """
+
+    def _level(self, level: int, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _prune_levels_after(self, level: int) -> None:
+        raise NotImplementedError
+
+    def _present_levels(self) -> int:
+        return len(self.feature_info)
+
+    def _level_output(self, level: int, x: Tensor, norm: bool) -> Tensor:
+        return x
+
+    def _prune_norm(self) -> None:
+        """Nothing to prune: the family applies no norm after its last level."""
+
+    def _forward_levels(self, x: Tensor) -> Tensor:
+        """The last level's map, level by level (the path grad checkpointing takes)."""
+        for level in range(self._present_levels()):
+            x = self._level(level, x)
+        return x
+
+    @torch.jit.ignore
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Optional[int | list[int]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's intermediates: the maps of the ``indices`` levels (all by default) and the last map."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: {type(self).__name__} features are NCHW only")
+        take, max_index = take_indices(self, indices)
+        intermediates = []
+        for level in range(max_index + 1 if stop_early else self._present_levels()):
+            x = self._level(level, x)
+            if level in take:
+                intermediates.append(self._level_output(level, x, norm))
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the layers after the last wanted level (and the final norm / head), as timm's models do."""
+        take, max_index = take_indices(self, indices)
+        self._prune_levels_after(max_index)
+        if prune_norm:
+            self._prune_norm()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take

@@ -9,7 +9,7 @@ Default ``das_mobilenet_v2`` (``conf/model/das_mobilenet_v2.yaml``): gates after
 Gate arguments are those of :class:`das_lab.models.das.DASGate`.
 """
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -18,7 +18,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from torch import Tensor, nn
 from torchvision.models.mobilenetv2 import MobileNetV2
 
-from das_lab.models.builder import create_variant, take_indices
+from das_lab.models.builder import FeatureLevels, create_variant
 from das_lab.models.das import OffsetGroups, gate_names, stage_end_gates
 from das_lab.models.weights import StateDict, fill_fresh
 
@@ -26,7 +26,7 @@ LEVEL_ENDS = (1, 3, 6, 13, 18)  # last ``features`` index of each feature level 
 STAGES = ("1", "2", "3", "4")
 
 
-class DASMobileNetV2(MobileNetV2):
+class DASMobileNetV2(FeatureLevels, MobileNetV2):
     """torchvision MobileNetV2 with DAS gates on chosen stage outputs, following timm's model API."""
 
     def __init__(
@@ -103,9 +103,7 @@ class DASMobileNetV2(MobileNetV2):
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage map (stride 32, 1280 channels at width 1), after every gate."""
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            for level in range(len(LEVEL_ENDS)):
-                x = self._level(level, x)
-            return x
+            return self._forward_levels(x)
         for index, block in enumerate(self.features):  # no slicing: TorchScript and FX see the registered blocks
             x = block(x)
             if index == 3:
@@ -118,39 +116,11 @@ class DASMobileNetV2(MobileNetV2):
                 x = self.stage_gates["4"](x)
         return x
 
-    @torch.jit.ignore
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: Optional[Union[int, list[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[list[Tensor], tuple[Tensor, list[Tensor]]]:
-        """timm's intermediates (stride-2 map, stages 1-4), each stage map after its DAS gate."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r}: MobileNetV2 features are NCHW only")
-        take, max_index = take_indices(self, indices)
-        intermediates = []
-        for level in range(max_index + 1 if stop_early else len(LEVEL_ENDS)):
-            x = self._level(level, x)
-            if level in take:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
-
-    def prune_intermediate_layers(
-        self, indices: Union[int, list[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the blocks (and gates) after the last wanted level, and the head."""
-        take, max_index = take_indices(self, indices)
-        for index in range(LEVEL_ENDS[max_index] + 1, len(self.features)):
+    def _prune_levels_after(self, level: int) -> None:
+        for index in range(LEVEL_ENDS[level] + 1, len(self.features)):
             self.features[index] = nn.Identity()
-        for stage in range(max_index + 1, 5):
+        for stage in range(level + 1, 5):
             self.stage_gates[str(stage)] = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Pooling, dropout and classifier (pooled features with ``pre_logits`` or num_classes=0)."""

@@ -46,7 +46,7 @@ Registered names (timm registry): ``das_resnet{18,34,50,101}``, ``das_resnet_tin
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -54,7 +54,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import Tensor, nn
 
-from das_lab.models.builder import create_variant, take_indices
+from das_lab.models.builder import FeatureLevels, create_variant
 from das_lab.models.das import (
     DASGate,
     OffsetGroups,
@@ -71,8 +71,12 @@ ATTN_LAYERS = ("se", "cbam", "eca", "gc")
 STAGES = ("1", "2", "3", "4")
 
 
-class DASResNet(ResNet):
-    """timm ResNet (torchvision key names) with optional timm attention and DAS gates."""
+class DASResNet(FeatureLevels, ResNet):
+    """timm ResNet (torchvision key names) with optional timm attention and DAS gates.
+
+    ``FeatureLevels`` comes first so its ``forward_intermediates``/``prune_intermediate_layers``
+    (which run the gates) replace timm ResNet's (which do not).
+    """
 
     def __init__(
         self,
@@ -167,64 +171,29 @@ class DASResNet(ResNet):
         """torchvision/timm ResNet keys are das-lab's: nothing to rename (see :func:`checkpoint_filter_fn`)."""
         return state
 
-    def _stem(self, x: Tensor) -> Tensor:
-        return self.act1(self.bn1(self.conv1(x)))
-
-    def _stage(self, index: int, x: Tensor) -> Tensor:
-        """Stage ``index`` (1-4) and its gate, its blocks checkpointed when grad checkpointing is on."""
-        layer = getattr(self, f"layer{index}")
+    def _level(self, level: int, x: Tensor) -> Tensor:
+        """Level 0: the stem (stride 2); 1-4: (max-pool,) stage ``level`` and its gate, blocks checkpointed if on."""
+        if level == 0:
+            return self.act1(self.bn1(self.conv1(x)))
+        layer = getattr(self, f"layer{level}")
+        x = self.maxpool(x) if level == 1 else x
         x = checkpoint_seq(layer, x) if self.grad_checkpointing and not torch.jit.is_scripting() else layer(x)
-        return self.stage_gates[str(index)](x)
+        return self.stage_gates[str(level)](x)
+
+    def _prune_levels_after(self, level: int) -> None:
+        for index in range(level + 1, 5):
+            setattr(self, f"layer{index}", nn.Identity())
+            self.stage_gates[str(index)] = nn.Identity()
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage map (stride 32), after every gate."""
-        x = self.maxpool(self._stem(x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            for index in range(1, 5):
-                x = self._stage(index, x)
-            return x
+            return self._forward_levels(x)
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         x = self.stage_gates["1"](self.layer1(x))
         x = self.stage_gates["2"](self.layer2(x))
         x = self.stage_gates["3"](self.layer3(x))
         return self.stage_gates["4"](self.layer4(x))
-
-    @torch.jit.ignore
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: Optional[Union[int, list[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[list[Tensor], tuple[Tensor, list[Tensor]]]:
-        """timm's intermediates (stem, stages 1-4), each stage map after its DAS gate; ``norm`` has nothing to apply."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r}: ResNet features are NCHW only")
-        take, max_index = take_indices(self, indices)
-        intermediates = []
-        x = self._stem(x)
-        if 0 in take:
-            intermediates.append(x)
-        x = self.maxpool(x)
-        last = max_index if stop_early else 4
-        for index in range(1, last + 1):
-            x = self._stage(index, x)
-            if index in take:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
-
-    def prune_intermediate_layers(
-        self, indices: Union[int, list[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the stages (and their gates) after the last wanted level, and the head."""
-        take, max_index = take_indices(self, indices)
-        for index in range(max_index + 1, 5):
-            setattr(self, f"layer{index}", nn.Identity())
-            self.stage_gates[str(index)] = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
 
 
 def checkpoint_filter_fn(state: StateDict, model: DASResNet) -> StateDict:

@@ -37,7 +37,7 @@ from timm.models import generate_default_cfgs, register_model, register_notrace_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from das_lab.models.builder import create_variant, take_indices
+from das_lab.models.builder import FeatureLevels, create_variant
 from das_lab.models.neighborhood_attention import NeighborhoodAttention2D
 from das_lab.models.weights import fill_fresh, unwrap_state_dict
 
@@ -333,7 +333,7 @@ def _per_stage(name: str, values: Sequence[Any]) -> list[Any]:
     return values
 
 
-class DAT(nn.Module):
+class DAT(FeatureLevels, nn.Module):
     """DAT++ backbone + classifier as a timm model; the sizes of each variant are in its conf/model file.
 
     The switches (``use_pes``, ``dwc_pes``, ...) default to DAT++'s design; ``dims``, ``depths``,
@@ -464,58 +464,33 @@ class DAT(nn.Module):
         return adapt_state_dict(state, self)
 
     def _stage(self, i: int, x: Tensor) -> tuple[Tensor, list[tuple[int, Tensor, Tensor]]]:
-        """Stage ``i`` (after the down-projection that feeds it)."""
+        """Stage ``i`` (after the down-projection that feeds it), with its deformable blocks' sampling."""
         if i > 0:
             x = self.down_projs[i - 1](x)
         return self.stages[i](x)
 
+    def _level(self, level: int, x: Tensor) -> Tensor:
+        return self._stage(level, self.patch_proj(x) if level == 0 else x)[0]
+
+    def _present_levels(self) -> int:
+        return len(self.stages)
+
+    def _level_output(self, level: int, x: Tensor, norm: bool) -> Tensor:
+        """With ``out_norms`` the stage norm (official detection outputs); else ``norm`` normalises the last map."""
+        if self.norms is not None:
+            return self.norms[level](x)
+        return self.cls_norm(x) if norm and level == 3 else x
+
+    def _prune_levels_after(self, level: int) -> None:
+        self.stages = self.stages[: level + 1]
+        self.down_projs = self.down_projs[:level]
+
+    def _prune_norm(self) -> None:
+        self.cls_norm = nn.Identity()
+
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage map (B, dims[-1], H/32, W/32), before the classification norm."""
-        x = self.patch_proj(x)
-        for i in range(len(self.stages)):
-            x, _ = self._stage(i, x)
-        return x
-
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """timm's intermediates: the four stage maps (strides 4-32).
-
-        With ``out_norms`` each map passes its stage norm (``norms.<i>``, the official detection
-        backbone's outputs); otherwise ``norm=True`` applies the classification norm to the last map.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r}: DAT++ features are NCHW only")
-        take, max_index = take_indices(self, indices)
-        intermediates = []
-        x = self.patch_proj(x)
-        for i in range(max_index + 1 if stop_early else len(self.stages)):
-            x, _ = self._stage(i, x)
-            if i in take:
-                if self.norms is not None:
-                    intermediates.append(self.norms[i](x))
-                else:
-                    intermediates.append(self.cls_norm(x) if norm and i == 3 else x)
-        return intermediates if intermediates_only else (x, intermediates)
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the stages after the last wanted one (and the norm/head)."""
-        take, max_index = take_indices(self, indices)
-        self.stages = self.stages[: max_index + 1]
-        self.down_projs = self.down_projs[:max_index]
-        if prune_norm:
-            self.cls_norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
+        return self._forward_levels(x)
 
     @torch.jit.ignore
     def forward_sampling(self, x: Tensor) -> tuple[list[Tensor], list[DeformableSampling]]:
