@@ -116,7 +116,9 @@ def export(cfg: DictConfig) -> Optional[float]:
             import onnxruntime  # noqa: F401
             import onnxscript  # noqa: F401
         except ImportError as error:
-            raise ValueError(f"format=onnx needs the export extra ({error.name} missing): pip install 'das-lab[export]'")
+            raise ValueError(
+                f"format=onnx needs the export extra ({error.name} missing): pip install 'das-lab[export]'"
+            )
     out_dir = check_out_dir(cfg.out, cfg.overwrite)
     net, datamodule, data_cfg = load_classifier(cfg.ckpt_path)
     empty_out_dir(out_dir)

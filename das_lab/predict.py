@@ -32,7 +32,9 @@ def list_inputs(spec: str) -> list[Path]:
     else:
         files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
     if not files:
-        raise ValueError(f"inputs={spec}: no files found; give a folder of images, an image file or a glob ('photos/*.jpg')")
+        raise ValueError(
+            f"inputs={spec}: no files found; give a folder of images, an image file or a glob ('photos/*.jpg')"
+        )
     return sorted(files)
 
 
@@ -78,7 +80,9 @@ def from_export(folder: str) -> tuple[nn.Module, Transform, list[str]]:
     from das_lab.data.transforms import build_eval_transform
 
     if not (Path(folder).expanduser() / "config.json").is_file():
-        raise FileNotFoundError(f"export={folder} has no config.json: give a folder written by das-lab export format=timm")
+        raise FileNotFoundError(
+            f"export={folder} has no config.json: give a folder written by das-lab export format=timm"
+        )
     net = timm.create_model(f"local-dir:{Path(folder).expanduser()}", pretrained=True).eval()
     cfg = net.pretrained_cfg
     transform = build_eval_transform(

@@ -21,7 +21,7 @@ def single_thread_torch():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> tuple[Path, str]:
-    """A tiny DAS-ResNet trained on digits through the CLI, shared by the export and predict tests: (its folder, best ckpt)."""
+    """A tiny DAS-ResNet trained on digits through the CLI, shared by export and predict tests: (folder, best ckpt)."""
     from cli_helpers import TINY, read_metrics, run_cli, run_dirs
 
     root = tmp_path_factory.mktemp("tiny_checkpoint")

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from cli_helpers import read_metrics, run_cli, run_dirs
+from cli_helpers import error_line, read_metrics, run_cli, run_dirs
 from das_lab.export import check_onnx, check_out_dir, empty_out_dir, sample_batch, write_onnx
 from das_lab.export import main as export_main
 from das_lab.pipeline import restore_checkpoint
@@ -93,26 +93,21 @@ def test_onnx_export_of_mobilenet_and_dat_matches_pytorch(tmp_path, name, args, 
     assert check_onnx(net, tmp_path / "model.onnx", sample_batch((3, size, size), 3, seed=1), atol=1e-4) < 1e-4
 
 
-def _export_error(args: list[str], tmp_path: Path, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        export_main([*args, f"hydra.run.dir={tmp_path / 'run'}"])
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err.splitlines()[0]
-
-
 def test_bad_input_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)
-    line = _export_error([f"ckpt_path={foreign}", f"out={tmp_path / 'a'}"], tmp_path, capsys)
+    line = error_line(export_main, [f"ckpt_path={foreign}", f"out={tmp_path / 'a'}"], run, capsys)
     assert line.startswith("das-lab: error: ") and "it was not written by `das-lab train`" in line
 
-    line = _export_error([f"ckpt_path={foreign}", "format=tflite", f"out={tmp_path / 'b'}"], tmp_path, capsys)
+    line = error_line(export_main, [f"ckpt_path={foreign}", "format=tflite", f"out={tmp_path / 'b'}"], run, capsys)
     assert line == "das-lab: error: format=tflite: unknown export format; choose from timm, onnx"
 
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    line = _export_error([f"ckpt_path={foreign}", f"out={tmp_path / 'full'}"], tmp_path, capsys)
-    assert line == f"das-lab: error: out={tmp_path / 'full'} exists and is not empty; choose a new folder or pass overwrite=true"
+    line = error_line(export_main, [f"ckpt_path={foreign}", f"out={tmp_path / 'full'}"], run, capsys)
+    full = tmp_path / "full"
+    assert line == f"das-lab: error: out={full} exists and is not empty; choose a new folder or pass overwrite=true"
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 

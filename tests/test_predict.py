@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import run_cli
+from cli_helpers import error_line, run_cli
 from das_lab.data.digits import DigitsDataModule
 from das_lab.data.image_io import read_rgb
 from das_lab.export import main as export_main
@@ -66,28 +66,25 @@ def test_exported_folder_predicts_what_the_checkpoint_predicts(trained, tmp_path
     root, ckpt, images = trained
     export_main([f"ckpt_path={ckpt}", f"out={tmp_path / 'hub'}", f"hydra.run.dir={tmp_path / 'run1'}"])
     for source, name in ((f"export={tmp_path / 'hub'}", "export.csv"), (f"ckpt_path={ckpt}", "ckpt.csv")):
-        predict_main([source, f"inputs={images}/digit*.png", f"out={tmp_path / name}", f"hydra.run.dir={tmp_path / 'run2'}"])
+        predict_main([source, f"inputs={images}/digit*.png", f"out={tmp_path / name}", f"hydra.run.dir={tmp_path}/r"])
     from_export, from_ckpt = _rows(tmp_path / "export.csv"), _rows(tmp_path / "ckpt.csv")
     assert len(from_export) == 4
     assert [row["class_1"] for row in from_export] == [row["class_1"] for row in from_ckpt]
-    np.testing.assert_allclose([float(r["prob_1"]) for r in from_export], [float(r["prob_1"]) for r in from_ckpt], atol=1e-2)
-
-
-def _predict_error(args: list[str], tmp_path: Path, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        predict_main([*args, f"hydra.run.dir={tmp_path / 'run'}"])
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err.splitlines()[0]
+    top_probs = [[float(row["prob_1"]) for row in rows] for rows in (from_export, from_ckpt)]
+    np.testing.assert_allclose(*top_probs, atol=1e-2)
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
     (tmp_path / "empty").mkdir()
-    line = _predict_error(["ckpt_path=model.ckpt", f"inputs={tmp_path / 'empty'}"], tmp_path, capsys)
+    line = error_line(predict_main, ["ckpt_path=model.ckpt", f"inputs={tmp_path / 'empty'}"], run, capsys)
     assert line == (
         f"das-lab: error: inputs={tmp_path / 'empty'}: no files found; give a folder of images, an image file "
         "or a glob ('photos/*.jpg')"
     )
-    line = _predict_error(["ckpt_path=model.ckpt", "export=hub", f"inputs={tmp_path}"], tmp_path, capsys)
-    assert line == "das-lab: error: give exactly one model: ckpt_path=PATH (a das-lab checkpoint) or export=DIR (a timm folder)"
-    line = _predict_error([f"export={tmp_path / 'empty'}", f"inputs={tmp_path}"], tmp_path, capsys)
+    line = error_line(predict_main, ["ckpt_path=model.ckpt", "export=hub", f"inputs={tmp_path}"], run, capsys)
+    assert line == (
+        "das-lab: error: give exactly one model: ckpt_path=PATH (a das-lab checkpoint) or export=DIR (a timm folder)"
+    )
+    line = error_line(predict_main, [f"export={tmp_path / 'empty'}", f"inputs={tmp_path}"], run, capsys)
     assert "has no config.json: give a folder written by das-lab export format=timm" in line

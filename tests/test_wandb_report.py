@@ -1,4 +1,4 @@
-"""``das-lab report --wandb``: the sweep table, seed summary and plots land in an offline W&B run of the sweep's group."""
+"""``das-lab report --wandb``: the sweep table, seed summary and plots in an offline W&B run of the sweep's group."""
 
 from __future__ import annotations
 
