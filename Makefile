@@ -10,7 +10,7 @@ STAMP := $(VENV)/.das-lab-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip uninstall --quiet -y hydra-optuna-sweeper  # replaced by das-lab's sweeper (Optuna >= 4)
-	$(BIN)/python -m pip install --quiet -e '.[test,search]'
+	$(BIN)/python -m pip install --quiet -e '.[test,search,export]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -346,6 +346,8 @@ def main(args: Sequence[str]) -> int:
     )
     parser.add_argument("paths", nargs="+", help="multirun folder(s) or glob pattern(s), e.g. multirun/2026-11-29/*")
     parser.add_argument("--out", help="where to write report.md, report.csv and the PNGs (default: the first PATH)")
+    parser.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B (offline without a key)")
+    parser.add_argument("--wandb-project", default="das-lab", help="W&B project of the report run (default: das-lab)")
     options = parser.parse_args(list(args))
     try:
         folders = expand_paths(options.paths)
@@ -355,4 +357,8 @@ def main(args: Sequence[str]) -> int:
         print(f"das-lab report: error: {error}", file=sys.stderr)
         return 2
     print(f"\nwritten: {out_dir / 'report.md'}, {out_dir / 'report.csv'} and plots in {out_dir}")
+    if options.wandb:
+        from das_lab.wandb_report import log_report
+
+        print(f"W&B run: {log_report(folders, out_dir, options.wandb_project)}")
     return 0

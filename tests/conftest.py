@@ -17,3 +17,14 @@ def single_thread_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> tuple[Path, str]:
+    """A tiny DAS-ResNet trained on digits through the CLI, shared by export and predict tests: (folder, best ckpt)."""
+    from cli_helpers import TINY, read_metrics, run_cli, run_dirs
+
+    root = tmp_path_factory.mktemp("tiny_checkpoint")
+    result = run_cli(["train", *TINY], cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, read_metrics(run_dirs(root)[0])["ckpt_best"]

@@ -27,14 +27,14 @@ def trained(tmp_path_factory):
 def test_help_lists_subcommands(tmp_path):
     result = run_cli(["--help"], cwd=tmp_path)
     assert result.returncode == 0
-    for command in ("train", "eval", "data", "profile", "report", "visualize"):
+    for command in ("train", "eval", "data", "profile", "report", "visualize", "export", "predict"):
         assert f"\n  {command} " in result.stdout
 
 
 def test_unknown_command_is_one_line(tmp_path):
     result = run_cli(["fit"], cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == "das-lab: unknown command 'fit'; choose from: train, eval, data, profile, report, visualize"
+    assert result.stderr.strip() == "das-lab: unknown command 'fit'; choose from: train, eval, data, profile, report, visualize, export, predict"
 
 
 def test_train_writes_run_folder(trained):

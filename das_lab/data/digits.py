@@ -13,6 +13,7 @@ Splits are made per scan (a scan appears in one split only) and every canvas is 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,6 +125,13 @@ class DigitsDataModule(DataModuleBase):
         self.num_classes = num_classes
         self.seed = seed
         self.class_names = [str(d) for d in range(10)]
+
+    def eval_data_config(self) -> dict[str, Any]:
+        """The eval preprocessing in timm's terms (exported models' pretrained_cfg); inputs are grayscale canvases."""
+        return {
+            "input_size": (3, self.image_size, self.image_size), "mean": (_MEAN,) * 3, "std": (_STD,) * 3,
+            "crop_pct": 1.0, "interpolation": "bilinear",
+        }
 
     def _split_indices(self, labels: np.ndarray) -> dict[str, np.ndarray]:
         """Stratified split of the scans, fixed by ``seed``."""

@@ -31,6 +31,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
@@ -271,10 +272,19 @@ class ImageClassificationDataModule(DataModuleBase):
         self.num_classes = num_classes
         self.train_augment = normalize_augment(train_augment)
         self.train_transform = build_train_transform(image_size, self.train_augment)
+        self.crop_pct = crop_pct
+        self.eval_interpolation = eval_interpolation
         self.eval_transform = build_eval_transform(image_size, crop_pct, eval_interpolation)
         self.skip_corrupt = skip_corrupt
         self.layout = ""
         self.expected_sizes: dict[str, int] = {}
+
+    def eval_data_config(self) -> dict[str, Any]:
+        """The eval preprocessing in timm's terms (exported models' pretrained_cfg)."""
+        return {
+            "input_size": (3, self.image_size, self.image_size), "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD, "crop_pct": self.crop_pct, "interpolation": self.eval_interpolation,
+        }
 
     def layout_error(self, detail: str) -> FileNotFoundError:
         """The one setup error for a missing or misplaced dataset: what is wrong, the expected tree, where to get it."""

@@ -56,10 +56,12 @@ def variant_args(config: str) -> dict[str, Any]:
     return {key: value for key, value in node.items() if key not in FACTORY_KEYS}
 
 
-def _check_weight_source(variant: str, pretrained: bool, overlay: Optional[dict[str, Any]]) -> None:
+def _check_weight_source(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
     if not pretrained:
         return
-    cfg = {**get_pretrained_cfg(variant).to_dict(), **(overlay or {})}
+    given = kwargs.get("pretrained_cfg")  # e.g. timm.create_model("local-dir:DIR") passes the folder's config
+    given = given.to_dict() if hasattr(given, "to_dict") else given if isinstance(given, dict) else {}
+    cfg = {**get_pretrained_cfg(variant).to_dict(), **given, **(kwargs.get("pretrained_cfg_overlay") or {})}
     if not any(cfg.get(key) for key in _WEIGHT_SOURCES):
         raise ValueError(
             f"{variant} declares no pretrained weights (pretrained_cfg has no url/hf_hub_id/file); use model.checkpoint="
@@ -96,7 +98,7 @@ def create_variant(
             f"{variant}: feature_cls={feature_cls!r} would hook module outputs and miss the DAS gates/stage norms; "
             "use feature_cls='getter' (the default), which reads forward_intermediates"
         )
-    _check_weight_source(variant, pretrained, kwargs.get("pretrained_cfg_overlay"))
+    _check_weight_source(variant, pretrained, kwargs)
     model = build_model_with_cfg(
         cls, variant, pretrained, pretrained_filter_fn=filter_fn, **{**variant_args(config), **kwargs}
     )
