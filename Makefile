@@ -18,7 +18,7 @@ train: $(STAMP)
 	$(BIN)/das-lab train
 
 lint: $(STAMP)
-	$(BIN)/ruff check das_lab tests benchmarks
+	$(BIN)/ruff check das_lab hydra_plugins tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest
