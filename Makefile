@@ -1,5 +1,5 @@
 # das-lab: `make train` runs the default experiment, `make test` the whole test suite.
-# Both create .venv and install das-lab (with its search extra) into it on first use.
+# Both create .venv and install das-lab (with its search and export extras) into it on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
