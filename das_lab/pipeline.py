@@ -22,6 +22,16 @@ from das_lab.utils.flops import count_gmacs, count_params
 
 log = logging.getLogger(__name__)
 
+# Checkpoints of das-lab 0.1 name the family class as the model target, with every constructor argument
+# spelled out. Today every model config targets the builder: those arguments override the family's
+# base variant, which rebuilds the same network.
+LEGACY_MODEL_TARGETS = {
+    "das_lab.models.das_resnet.DASResNet": "daslab_resnet50",
+    "das_lab.models.dat.DAT": "dat_tiny",
+    "das_lab.models.das_mobilenet.DASMobileNetV2": "das_mobilenet_v2",
+}
+BUILDER_TARGET = "das_lab.models.builder.create_model"
+
 STORED_GROUPS = ("data", "model", "task", "optimizer", "scheduler")
 
 
@@ -138,6 +148,9 @@ def restore_checkpoint(ckpt_path: str | Path, data_replacements: Optional[DictCo
             "Use init_from=<file> with `das-lab train` to start from foreign weights."
         )
     model_cfg = OmegaConf.create(stored["model"])
+    legacy_base = LEGACY_MODEL_TARGETS.get(model_cfg.get("_target_"))
+    if legacy_base is not None:
+        model_cfg._target_, model_cfg.name = BUILDER_TARGET, legacy_base
     if "checkpoint" in model_cfg:
         model_cfg.checkpoint = None
     net, module = build_module(model_cfg, stored["task"], stored["optimizer"], stored["scheduler"])
