@@ -6,13 +6,15 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from das_lab.command import Outcome, Run, run_command
+from das_lab.errors import ConfigError
 from das_lab.model_card import model_card
 from das_lab.pipeline import restore_checkpoint
 
@@ -26,9 +28,9 @@ def check_out_dir(out: str, overwrite: bool) -> Path:
     """The export folder; a new export never mixes into an existing non-empty folder unless ``overwrite``."""
     path = Path(out).expanduser().absolute()
     if path.exists() and not path.is_dir():
-        raise ValueError(f"out={out} is a file; give a folder for the export")
+        raise ConfigError(f"out={out} is a file; give a folder for the export")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"out={out} exists and is not empty; choose a new folder or pass overwrite=true")
+        raise ConfigError(f"out={out} exists and is not empty; choose a new folder or pass overwrite=true")
     return path
 
 
@@ -43,10 +45,12 @@ def load_classifier(ckpt_path: str) -> tuple[nn.Module, Any, DictConfig]:
     """The backbone of a das-lab classification checkpoint (eval mode), its datamodule and data config."""
     from das_lab.tasks.classification import ClassificationModule
 
-    data_cfg, net, module = restore_checkpoint(ckpt_path)
-    if not isinstance(module, ClassificationModule):
-        raise ValueError(f"{ckpt_path} holds a {type(module).__name__}; das-lab export writes classification models")
-    return net.eval(), instantiate(data_cfg), data_cfg
+    restored = restore_checkpoint(ckpt_path)
+    if not isinstance(restored.module, ClassificationModule):
+        raise ConfigError(
+            f"{ckpt_path} holds a {type(restored.module).__name__}; das-lab export and predict take classification models"
+        )
+    return restored.net.eval(), instantiate(restored.data), restored.data
 
 
 def sample_batch(input_size: Sequence[int], batch: int, seed: int = 0) -> torch.Tensor:
@@ -107,20 +111,21 @@ def check_onnx(net: nn.Module, path: Path, inputs: torch.Tensor, atol: float) ->
     return diff
 
 
-def export(cfg: DictConfig) -> Optional[float]:
+def export(cfg: DictConfig, run: Run) -> Outcome:
     """Write ``cfg.ckpt_path`` as ``cfg.format`` into ``cfg.out``; returns the max |diff| of the check."""
     if cfg.format not in FORMATS:
-        raise ValueError(f"format={cfg.format}: unknown export format; choose from {', '.join(FORMATS)}")
+        raise ConfigError(f"format={cfg.format}: unknown export format; choose from {', '.join(FORMATS)}")
     if cfg.format == "onnx":
         try:
             import onnxruntime  # noqa: F401
             import onnxscript  # noqa: F401
         except ImportError as error:
-            raise ValueError(
+            raise ConfigError(
                 f"format=onnx needs the export extra ({error.name} missing): pip install 'das-lab[export]'"
-            )
+            ) from error
     out_dir = check_out_dir(cfg.out, cfg.overwrite)
     net, datamodule, data_cfg = load_classifier(cfg.ckpt_path)
+    run.start()
     empty_out_dir(out_dir)
     input_size = datamodule.eval_data_config()["input_size"]
     if cfg.format == "timm":
@@ -130,15 +135,13 @@ def export(cfg: DictConfig) -> Optional[float]:
         (out_dir / "README.md").write_text(card)
         diff = check_timm_folder(net, out_dir, sample_batch(input_size, 2))
         print(f"timm folder {out_dir}: weights equal, max |diff| of outputs {diff:.3g}")
-        return diff
+        return Outcome(objective=diff)
     write_onnx(net, sample_batch(input_size, 2), out_dir / ONNX_FILE, cfg.opset)
     diff = check_onnx(net, out_dir / ONNX_FILE, sample_batch(input_size, 3, seed=1), cfg.onnx_atol)
     print(f"ONNX {out_dir / ONNX_FILE}: onnxruntime vs PyTorch max |diff| {diff:.3g} (batch of 3)")
-    return diff
+    return Outcome(objective=diff)
 
 
 def main(args: Sequence[str]) -> int:
     """``das-lab export ckpt_path=PATH format=timm|onnx out=DIR [overwrite=true]``."""
-    from das_lab.cli import run_hydra
-
-    return run_hydra(export, "export", "export", list(args))
+    return run_command(export, "export", "export", list(args))

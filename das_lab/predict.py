@@ -15,7 +15,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from das_lab.command import Outcome, Run, run_command
 from das_lab.data.image_io import CorruptImageError, read_rgb
+from das_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ def list_inputs(spec: str) -> list[Path]:
     else:
         files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
     if not files:
-        raise ValueError(
+        raise ConfigError(
             f"inputs={spec}: no files found; give a folder of images, an image file or a glob ('photos/*.jpg')"
         )
     return sorted(files)
@@ -80,7 +82,7 @@ def from_export(folder: str) -> tuple[nn.Module, Transform, list[str]]:
     from das_lab.data.transforms import build_eval_transform
 
     if not (Path(folder).expanduser() / "config.json").is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"export={folder} has no config.json: give a folder written by das-lab export format=timm"
         )
     net = timm.create_model(f"local-dir:{Path(folder).expanduser()}", pretrained=True).eval()
@@ -98,12 +100,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def predict(cfg: DictConfig) -> Optional[float]:
+def predict(cfg: DictConfig, run: Run) -> Outcome:
     """Write the top-k classes of every readable file of ``cfg.inputs`` to a CSV; list the unreadable ones."""
     if bool(cfg.ckpt_path) == bool(cfg.export):
-        raise ValueError("give exactly one model: ckpt_path=PATH (a das-lab checkpoint) or export=DIR (a timm folder)")
+        raise ConfigError("give exactly one model: ckpt_path=PATH (a das-lab checkpoint) or export=DIR (a timm folder)")
     files = list_inputs(str(cfg.inputs))
     net, transform, names = from_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else from_export(cfg.export)
+    run.start()
     device = pick_device(cfg.device)
     net = net.to(device).eval()
     num_classes = net.num_classes
@@ -111,7 +114,7 @@ def predict(cfg: DictConfig) -> Optional[float]:
     k = min(cfg.topk, num_classes)
     loader = DataLoader(ImageFiles(files, transform), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         collate_fn=collate_readable)
-    out = Path(cfg.out or Path(cfg.paths.output_dir) / "predictions.csv").expanduser().absolute()
+    out = Path(cfg.out or run.dir / "predictions.csv").expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     unreadable: list[Path] = []
     with out.open("w", newline="") as handle, torch.no_grad():
@@ -127,12 +130,10 @@ def predict(cfg: DictConfig) -> Optional[float]:
     print(f"{len(files) - len(unreadable)} image(s) labelled: {out}")
     if unreadable:
         print(f"{len(unreadable)} unreadable file(s) skipped:", *unreadable, sep="\n  ", file=sys.stderr)
-    return None
+    return Outcome()
 
 
 def main(args: Sequence[str]) -> int:
     """``das-lab predict ckpt_path=PATH|export=DIR inputs=DIR|FILE|GLOB [out=FILE]``."""
-    from das_lab.cli import run_hydra
-
-    return run_hydra(predict, "predict", "predict", list(args))
+    return run_command(predict, "predict", "predict", list(args))
 

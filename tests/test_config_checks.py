@@ -17,6 +17,8 @@ COMMANDS = [
     ("profile", []),
     ("eval", ["ckpt_path=x.ckpt"]),
     ("visualize", ["ckpt_path=x.ckpt", "images=[a.png]"]),
+    ("export", ["ckpt_path=x.ckpt", "out=hub"]),
+    ("predict", ["ckpt_path=x.ckpt", "inputs=photos"]),
 ]
 
 

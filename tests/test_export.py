@@ -41,7 +41,7 @@ def test_timm_folder_loads_with_the_checkpoints_weights_and_a_model_card(trained
     assert pretrained_cfg["mean"] == [0.1] * 3 and pretrained_cfg["std"] == [0.25] * 3
     assert pretrained_cfg["crop_pct"] == 1.0 and pretrained_cfg["interpolation"] == "bilinear"
 
-    _, net, _ = restore_checkpoint(ckpt)
+    net = restore_checkpoint(ckpt).net
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
     assert loaded.state_dict().keys() == net.state_dict().keys()
     assert all(torch.equal(value, net.state_dict()[key]) for key, value in loaded.state_dict().items())
@@ -67,7 +67,7 @@ def test_onnx_export_has_a_dynamic_batch_and_deformconv_and_matches_pytorch(trai
     path = root / "onnx" / "model.onnx"
     assert "DeformConv" in {node.op_type for node in onnx.load(str(path)).graph.node}
 
-    _, net, _ = restore_checkpoint(ckpt)
+    net = restore_checkpoint(ckpt).net
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = sample_batch((3, 32, 32), 5, seed=7)
     (logits,) = session.run(None, {"images": images.numpy()})

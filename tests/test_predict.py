@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from PIL import Image
 
 from cli_helpers import error_line, run_cli
@@ -15,7 +16,8 @@ from das_lab.data.digits import DigitsDataModule
 from das_lab.data.image_io import read_rgb
 from das_lab.export import main as export_main
 from das_lab.predict import main as predict_main
-from das_lab.visualize import eval_transform, load_network
+from das_lab.pipeline import restore_checkpoint
+from das_lab.visualize import eval_transform
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +53,8 @@ def test_checkpoint_labels_a_folder_and_lists_unreadable_files(trained):
     rows = _rows(root / "labels.csv")
     assert [Path(row["file"]).name for row in rows] == [f"digit{i}.png" for i in range(5)]
     assert list(rows[0]) == ["file", *(f"{c}_{k}" for k in range(1, 6) for c in ("class", "prob"))]
-    net, datamodule = load_network(ckpt)
-    transform = eval_transform(datamodule)
+    restored = restore_checkpoint(ckpt)
+    net, transform = restored.net, eval_transform(instantiate(restored.data))
     with torch.no_grad():
         probs = net.eval()(torch.stack([transform(read_rgb(row["file"])) for row in rows])).softmax(-1)
     for row, expected in zip(rows, probs):

@@ -137,6 +137,16 @@ class DASGate(nn.Module):
         return self.deform(hidden, offsets, mask)
 
     @torch.jit.unused
+    def _check_offsets(self, offsets: Tensor) -> None:
+        """Stop on NaN/Inf offsets in eager CPU runs, where torchvision's kernel would crash the process.
+
+        Compiled, exported and scripted graphs skip the check: it depends on the data, and they run
+        the finished model, whose loss is checked by the training loop anyway.
+        """
+        if offsets.device.type == "cpu" and not torch.isfinite(offsets).all():
+            raise NonFiniteError("the sampling offsets of a DAS gate")
+
+    @torch.jit.unused
     def _record(self, gate: Tensor, offsets: Tensor, mask: Optional[Tensor]) -> None:
         self.last_maps = GateMaps(gate=gate.detach(), offsets=offsets.detach(), mask=None if mask is None else mask.detach())
 
@@ -146,8 +156,8 @@ class DASGate(nn.Module):
         predicted = self.offset(hidden)
         n_offsets = 2 * self.offset_groups * self.deform.kernel_size[0] * self.deform.kernel_size[1]
         offsets = predicted[:, :n_offsets]
-        if offsets.device.type == "cpu" and not torch.isfinite(offsets).all():
-            raise NonFiniteError("the sampling offsets of a DAS gate")  # torchvision's CPU kernel crashes on NaN
+        if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
+            self._check_offsets(offsets)
         mask = predicted[:, n_offsets:].sigmoid() if self.modulated else None
         gate = torch.sigmoid(self.norm2(self._deform(hidden, offsets, mask)))
         if self.record_maps and not torch.jit.is_scripting():
