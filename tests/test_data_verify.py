@@ -73,7 +73,7 @@ def test_group_typo_is_one_line_listing_the_options(tmp_path: Path, capsys) -> N
     assert das_lab(["data", "verify", "data=imagenett", f"data.root={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "Could not find 'data/imagenett'; choose data= one of: coco, digits, imagenet, stanford_dogs" in err
+    assert "Could not find 'data/imagenett'; choose data= one of: ade20k, coco, digits, imagenet, stanford_dogs" in err
     assert das_lab(["data", "verify", "data=stanford_dogs", "data.no_such_key=1"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no_such_key" in err
