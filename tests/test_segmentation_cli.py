@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from cli_helpers import read_metrics, run_cli, run_dirs
 from fake_ade20k import make_ade20k
 from das_lab.data.image_io import read_rgb
 from das_lab.tasks.segmentation_overlays import palette
-from das_lab.visualize import visualize
+from das_lab.visualize import main as visualize_main
 from test_segmentation import numpy_scores
 
 
@@ -71,8 +70,9 @@ def test_train_das_resnet_then_eval_writes_release_format_predictions(tmp_path: 
 
     # das-lab visualize of a segmentation checkpoint: the image with its predicted classes in colour
     image = fake.folder / "images" / "validation" / "ADE_val_00000001.jpg"
-    visualize(OmegaConf.create({"ckpt_path": metrics["ckpt_best"], "images": [str(image)], "out_dir": str(tmp_path / "vis"),
-                                "paths": {"output_dir": str(tmp_path)}}))
+    args = [f"ckpt_path={metrics['ckpt_best']}", f"images=[{image}]", f"out_dir={tmp_path / 'vis'}",
+            f"hydra.run.dir={tmp_path / 'visualize'}"]
+    assert visualize_main(args) == 0
     drawn = np.asarray(Image.open(tmp_path / "vis" / "ADE_val_00000001_overlay.png")).astype(np.int64)
     original = read_rgb(image).permute(1, 2, 0).numpy().astype(np.int64)
     colours = np.array(palette(150))[predictions[0]]
