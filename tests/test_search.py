@@ -247,7 +247,7 @@ def test_failed_jobs_are_fail_trials_and_the_search_goes_on(tmp_path):
     result = run_cli([*SEARCH, f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
                       "data.digit_size=99"], cwd=tmp_path)
     assert result.returncode == 1
-    assert "Launching 2 jobs locally" in result.stdout  # n_jobs trials at a time, through the active launcher
+    assert "Launching 2 jobs, each in its own process" in result.stdout  # n_jobs trials at a time, through the launcher
     assert "2 job(s) of the sweep failed" in result.stderr
     assert [t.state.name for t in _study(sweep).trials] == ["FAIL", "FAIL"]
     assert sorted(read_metrics(job)["status"] for job in sweep.glob("*_*")) == ["failed", "failed"]
