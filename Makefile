@@ -1,6 +1,8 @@
 # das-lab: `make train` runs the default experiment, `make test` the whole test suite.
 # Both create .venv and install das-lab (with its search and export extras) into it on first use.
 PYTHON ?= python3
+# test processes (pytest-xdist); the SLURM tests share one of them
+TEST_WORKERS ?= 2
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.das-lab-installed
@@ -22,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check das_lab hydra_plugins tests benchmarks
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(STAMP)
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done

@@ -1,7 +1,9 @@
-"""Run the installed ``das-lab`` console script the way users do, on tiny settings."""
+"""Run das-lab the way users do (its entry point, or the installed console script), on tiny settings."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -30,11 +32,46 @@ TINY = [
 ]
 
 
-def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``das-lab ARGS`` in ``cwd`` with outputs under ``cwd`` (DAS_LAB_LOGS)."""
+def _environment(cwd: Path, env: dict[str, str] | None) -> dict[str, str]:
+    """The environment a user's shell would give das-lab: outputs under ``cwd``, no SLURM job of the test runner."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "HYDRA_FULL_ERROR")}
     full_env.update({"DAS_LAB_LOGS": str(cwd), **(env or {})})
-    return subprocess.run([DAS_LAB, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return full_env
+
+
+def run_console(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``das-lab ARGS`` as its own process (the installed console script), for what only a process shows:
+    signals, DDP ranks, the import footprint, exit codes seen by a shell."""
+    return subprocess.run([DAS_LAB, *args], cwd=cwd, env=_environment(cwd, env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``das-lab ARGS`` in ``cwd`` with outputs under ``cwd`` (DAS_LAB_LOGS), run in this process.
+
+    The console script is ``sys.exit(das_lab.cli.main())``: calling ``main`` with the same command line,
+    working directory, environment and ``sys.argv`` runs the same code without paying for a new
+    interpreter's imports. Sweep jobs still run in their own processes (the process launcher)."""
+    from das_lab.cli import main
+
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(_environment(cwd, env))
+    sys.argv = [DAS_LAB, *args]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                returncode = main(args)
+            except SystemExit as stop:
+                returncode = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess([DAS_LAB, *args], returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def run_dirs(root: Path) -> list[Path]:

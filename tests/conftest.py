@@ -28,3 +28,9 @@ def tiny_checkpoint(tmp_path_factory) -> tuple[Path, str]:
     result = run_cli(["train", *TINY], cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     return root, read_metrics(run_dirs(root)[0])["ckpt_best"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """SLURM tests first: they mostly wait on the scheduler, so under ``pytest -n 2`` the other worker
+    runs the rest of the suite meanwhile instead of leaving them for the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)

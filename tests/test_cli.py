@@ -84,7 +84,7 @@ def test_eval_reproduces_logged_val_metrics(trained):
 
 
 def test_multirun_two_jobs(tmp_path):
-    result = run_cli(["train", "-m", "seed=1,2", *TINY, "test=false"], cwd=tmp_path)
+    result = run_cli(["train", "-m", "hydra/launcher=basic", "seed=1,2", *TINY, "test=false"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in (tmp_path / "multirun").glob("*/*/*") if (p / "metrics.json").is_file())
     assert [p.name[:2] for p in jobs] == ["0_", "1_"]
@@ -96,7 +96,7 @@ def test_multirun_two_jobs(tmp_path):
 
 
 def test_failing_job_does_not_stop_the_sweep(tmp_path):
-    result = run_cli(["train", "-m", *TINY, "data.digit_size=99,16", "test=false"], cwd=tmp_path)
+    result = run_cli(["train", "-m", "hydra/launcher=basic", *TINY, "data.digit_size=99,16", "test=false"], cwd=tmp_path)
     assert result.returncode == 1
     assert "1 job(s) of the sweep failed" in result.stderr
     failed, completed = sorted((tmp_path / "multirun").glob("*/*/[01]_*"))

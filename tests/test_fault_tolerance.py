@@ -36,7 +36,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     reference = run_cli(["train", *RESUMABLE, f"hydra.run.dir={reference_dir}"], cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    env = {**os.environ, "DAS_LAB_LOGS": str(tmp_path)}
+    # one thread like the runs in this process (tests/conftest.py): the same sums in the same order
+    env = {**os.environ, "DAS_LAB_LOGS": str(tmp_path), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([DAS_LAB, "train", *RESUMABLE, f"hydra.run.dir={killed_dir}"], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = killed_dir / "checkpoints" / "last.ckpt"

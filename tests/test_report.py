@@ -113,7 +113,7 @@ def test_report_of_missing_folder_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_by_two_sweep_report(tmp_path):
-    result = run_cli(["train", "-m", "model=resnet_tiny,das_resnet_tiny", "seed=1,2", *FAST], cwd=tmp_path)
+    result = run_cli(["train", "-m", "hydra/launcher=basic", "model=resnet_tiny,das_resnet_tiny", "seed=1,2", *FAST], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun").glob("*/*")
     report = run_cli(["report", str(sweep)], cwd=tmp_path)

@@ -19,7 +19,8 @@ import pytest
 
 from cli_helpers import DAS_LAB, TINY, read_metrics, run_cli
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# one worker runs them in turn: the cluster has one node, and their timings assume it is theirs
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 CLUSTER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_cluster.sh"
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.gpus_per_node=null",

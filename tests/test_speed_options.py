@@ -158,7 +158,7 @@ def test_cli_trains_with_compile_and_channels_last(tmp_path: Path) -> None:
     # TorchInductor's code generation for the whole tiny DAS-ResNet takes minutes on 2 CPU cores: here
     # aot_eager captures and runs the same forward and backward graphs (inductor: the test above)
     overrides = [*TINY, "task.compile=true", "task.compile_backend=aot_eager", "task.channels_last=true"]
-    done = run_cli(["train", *overrides], tmp_path, timeout=600)
+    done = run_cli(["train", *overrides], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
     metrics = read_metrics(run_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -87,21 +86,6 @@ def test_slurm_launcher_follows_the_trainer(compose_train):
     assert local["_target_"].endswith("LocalLauncher") and local["tasks_per_node"] == 1 and local["nodes"] == 1
 
 
-@pytest.mark.slow
-def test_submitit_local_launcher_runs_jobs_and_reports_failures(tmp_path):
-    result = run_cli(["train", "-m", "hydra/launcher=slurm_local", "hydra.launcher.timeout_min=5", *FAST,
-                      "data.digit_size=99,16"], cwd=tmp_path)
-    assert result.returncode == 1, result.stderr[-3000:]  # the failure happened in a submitit process
-    assert "1 job(s) of the sweep failed" in result.stderr
-    (sweep,) = (tmp_path / "multirun").glob("*/*")
-    failed, completed = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
-    assert read_metrics(failed)["status"] == "failed" and str(failed) in result.stderr
-    metrics = read_metrics(completed)
-    assert metrics["status"] == "completed" and math.isfinite(metrics["best"]["val/acc1"])
-    submitit_dirs = [p for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()]  # <SLURM-style job ids>
-    assert submitit_dirs and all(list(d.glob("*_log.out")) for d in submitit_dirs)
-
-
 def test_swept_keys_come_from_the_command_line_and_the_sweeper_params(compose_train, monkeypatch):
     cfg = compose_train("+experiment=ablation_backbones", "seed=1")
     cfg.hydra.overrides.task.append("optimizer.lr=1e-3,2e-3")  # as `-m` hands it to the sweep
@@ -133,7 +117,7 @@ def test_failed_jobs_are_absolute_paths(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_failure_summary_counts_each_job_once_with_a_relative_log_folder(tmp_path):
-    result = run_cli(["train", "-m", *FAST, "data.digit_size=99", "seed=1,2"], cwd=tmp_path, env={"DAS_LAB_LOGS": "."})
+    result = run_cli(["train", "-m", "hydra/launcher=basic", *FAST, "data.digit_size=99", "seed=1,2"], cwd=tmp_path, env={"DAS_LAB_LOGS": "."})
     assert result.returncode == 1, result.stderr[-3000:]
     assert "2 job(s) of the sweep failed" in result.stderr
     (sweep,) = (tmp_path / "multirun").glob("*/*")

@@ -134,7 +134,7 @@ def test_a_run_left_open_is_finished_not_reused(wandb_env):
 
 @pytest.mark.slow
 def test_multirun_offline_runs_are_grouped_and_hold_metrics_and_images(wandb_env):
-    args = ["train", "-m", "seed=1,2", "logger=[csv,wandb]", "callbacks=visualize", "callbacks.visualize.num_images=2",
+    args = ["train", "-m", "hydra/launcher=basic", "seed=1,2", "logger=[csv,wandb]", "callbacks=visualize", "callbacks.visualize.num_images=2",
             "model=das_resnet_tiny", *FAST]
     env = {"WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"}
     result = run_cli(args, cwd=wandb_env, env=env)
