@@ -5,13 +5,17 @@ Model table (``model=NAME`` or ``profile.compare=[A,B,...]``): parameters, GMACs
 throughput at ``profile.batch_size`` (median of ``profile.repeats`` timed passes after
 ``profile.warmup``), and the peak tensor memory one pass allocates beyond the model and its
 input (CUDA: ``torch.cuda.max_memory_allocated``; CPU: allocations recorded by
-``torch.profiler``). With several models, ratios to the first one are added.
+``torch.profiler``; measured by :mod:`das_lab.utils.timing`). With several models, ratios to the
+first one are added. With a task (``task=segmentation`` or a segmentation experiment) each row is
+what the task declares: the whole segmentor (decode and auxiliary heads in the params) on images
+of the test scale, 2048x512 (width x height) as mmseg's papers count "FLOPs"; the GFLOPs column
+names that size.
 
 Resolution curve (``profile.resolutions=[...]``): three single layers of ``profile.layer_width``
 channels on a map of side ``resolution / profile.layer_stride`` -- the DAS gate (DASGate defaults),
 DAT++'s deformable attention (the stage-1 settings of ``conf/model/dat_tiny.yaml``: key stride 8,
-offset kernel 9, one offset group, position bias table) and a plain global multi-head self-attention with the same 1x1
-projections. GMACs are counted on the meta device (nothing is allocated, any size is affordable);
+offset kernel 9, one offset group, position bias table) and a plain global multi-head
+self-attention with the same 1x1 projections. GMACs are counted on the meta device (nothing is allocated, any size is affordable);
 points up to ``profile.timing_limit_gmacs`` are also timed at batch 1.
 """
 
