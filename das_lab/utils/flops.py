@@ -7,6 +7,7 @@ CUDA) and ``F.scaled_dot_product_attention`` on the CPU (``aten::_scaled_dot_pro
 would be silently uncounted. The formulas registered here count multiply-accumulates x 2, the
 counter's convention, so ``count_flops(...) / 2`` gives the MACs that papers report as "FLOPs".
 Element-wise operations (norms, activations, softmax) are not counted, as in those papers.
+What a run counts is the backbone on a square image, unless its task declares more (``CostedTask``).
 """
 
 from __future__ import annotations
@@ -124,5 +125,5 @@ def cost_subject(net: nn.Module, module: Any, image_size: Optional[int]) -> tupl
     The size is None when there is nothing to count FLOPs at (no declaration and no ``image_size``).
     """
     if isinstance(module, CostedTask):
-        return module.cost_network(), tuple(module.cost_input_size())
+        return module.cost_network(), module.cost_input_size()
     return net, (image_size, image_size) if image_size else None
