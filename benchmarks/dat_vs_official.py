@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
 from das_lab.models.neighborhood_attention import na2d_aggregate_torch, na2d_logits_torch
-from das_lab.profile import backward_step, example_input, markdown_table, resolve_device, synchronize
+from das_lab.profile import markdown_table
+from das_lab.utils.timing import backward_step, example_input, resolve_device, synchronize
 
 
 class _QKWithBias:

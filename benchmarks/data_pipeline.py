@@ -19,7 +19,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-from das_lab.data.image_io import ImageSampleDataset
+from das_lab.data.datasets import ImageSampleDataset
 from das_lab.data.transforms import build_eval_transform, build_train_transform
 
 BASIC = {"scale": [0.08, 1.0], "ratio": [0.75, 1.3333333], "hflip": 0.5, "interpolation": "bilinear"}

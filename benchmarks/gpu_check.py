@@ -46,7 +46,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
-from das_lab.profile import autocast, markdown_table, peak_memory_mib, resolve_device, synchronize
+from das_lab.profile import markdown_table
+from das_lab.utils.timing import autocast, peak_memory_mib, resolve_device, synchronize
 from das_lab.tasks.classification import ClassificationModule
 from das_lab.tasks.speed import apply_speed_options
 from train_step import interleaved_seconds, train_step

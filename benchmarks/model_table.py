@@ -15,7 +15,7 @@ import importlib
 import timm
 import torch
 
-from das_lab.profile import example_input, forward_step, median_seconds
+from das_lab.utils.timing import example_input, forward_step, median_seconds
 from das_lab.utils.flops import count_gmacs, count_params
 
 MODULES = ("das_lab.models.das_resnet", "das_lab.models.das_mobilenet", "das_lab.models.dat")

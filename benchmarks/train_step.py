@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
-from das_lab.profile import autocast, example_input, markdown_table, resolve_device, synchronize
+from das_lab.profile import markdown_table
+from das_lab.utils.timing import autocast, example_input, resolve_device, synchronize
 from das_lab.tasks.speed import apply_speed_options
 
 

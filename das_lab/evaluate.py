@@ -25,7 +25,7 @@ def evaluate(cfg: DictConfig, run: Run) -> Outcome:
         raise ConfigError(f"splits={splits}: unknown split(s) {unknown}; choose from {list(SPLITS)}")
     restored = restore_checkpoint(cfg.ckpt_path, cfg.get("data"))
     datamodule = instantiate(restored.data)
-    run.record.params, run.record.gflops = model_cost(restored.net, restored.flops_image_size)
+    run.record.params, run.record.gflops = model_cost(restored.net, restored.module, restored.flops_image_size)
     run.loggers = instantiate_group(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, logger=run.loggers or False)
     run.start()

@@ -18,7 +18,7 @@ from torch import nn
 from das_lab.callbacks.checkpoint_state import CONFIG_KEY
 from das_lab.errors import CheckpointError
 from das_lab.models.weights import WeightsMismatchError, compare_state_dicts
-from das_lab.utils.flops import count_gmacs, count_params
+from das_lab.utils.flops import cost_subject, count_gmacs, count_params
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,16 @@ def build_module(
     return net, module
 
 
-def model_cost(net: nn.Module, image_size: Optional[int]) -> tuple[int, Optional[float]]:
-    """Parameters and GFLOPs (GMACs at batch 1, square input) for metrics.json."""
-    params = count_params(net)
-    if not image_size:
+def model_cost(net: nn.Module, module: L.LightningModule, image_size: Optional[int]) -> tuple[int, Optional[float]]:
+    """Parameters and GFLOPs (GMACs at batch 1) for metrics.json, of what ``cost_subject`` picks (a segmentor at its test scale)."""
+    network, size = cost_subject(net, module, image_size)
+    params = count_params(network)
+    if size is None:
         return params, None
     try:
-        return params, round(count_gmacs(net, (1, 3, image_size, image_size)), 4)
+        return params, round(count_gmacs(network, (1, 3, *size)), 4)
     except Exception as exc:  # a model that cannot run on a bare image (e.g. needs targets) has no GFLOPs
-        log.warning("GFLOPs not counted for %s at %d px: %s", type(net).__name__, image_size, exc)
+        log.warning("GFLOPs not counted for %s at %dx%d px: %s", type(network).__name__, size[1], size[0], exc)
         return params, None
 
 

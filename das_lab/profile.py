@@ -5,13 +5,17 @@ Model table (``model=NAME`` or ``profile.compare=[A,B,...]``): parameters, GMACs
 throughput at ``profile.batch_size`` (median of ``profile.repeats`` timed passes after
 ``profile.warmup``), and the peak tensor memory one pass allocates beyond the model and its
 input (CUDA: ``torch.cuda.max_memory_allocated``; CPU: allocations recorded by
-``torch.profiler``). With several models, ratios to the first one are added.
+``torch.profiler``; measured by :mod:`das_lab.utils.timing`). With several models, ratios to the
+first one are added. With a task (``task=segmentation`` or a segmentation experiment) each row is
+what the task declares: the whole segmentor (decode and auxiliary heads in the params) on images
+of the test scale, 2048x512 (width x height) as mmseg's papers count "FLOPs"; the GFLOPs column
+names that size.
 
 Resolution curve (``profile.resolutions=[...]``): three single layers of ``profile.layer_width``
 channels on a map of side ``resolution / profile.layer_stride`` -- the DAS gate (DASGate defaults),
-DAT++'s deformable attention (DAT-T++ stage-1 settings: key stride 8, offset kernel 9, one offset
-group, position bias table) and a plain global multi-head self-attention with the same 1x1
-projections. GMACs are counted on the meta device (nothing is allocated, any size is affordable);
+DAT++'s deformable attention (the stage-1 settings of ``conf/model/dat_tiny.yaml``: key stride 8,
+offset kernel 9, one offset group, position bias table) and a plain global multi-head
+self-attention with the same 1x1 projections. GMACs are counted on the meta device (nothing is allocated, any size is affordable);
 points up to ``profile.timing_limit_gmacs`` are also timed at batch 1.
 """
 
@@ -19,11 +23,9 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import math
-import os
 import statistics
-import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -34,117 +36,27 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity
-from torch.profiler import profile as torch_profile
 
 from das_lab.command import Outcome, Run, run_command
 from das_lab.config import config_dir
-from das_lab.models.builder import compose_model_config
-from das_lab.models.das import DASGate
 from das_lab.errors import UserError
+from das_lab.models.builder import compose_model_config, variant_args
+from das_lab.models.das import DASGate
 from das_lab.models.dat import DeformableAttention
-from das_lab.utils.flops import count_flops, count_params
-
-PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MIB = 2**20
-
-
-# ----------------------------------------------------------------------------- measuring
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is the GPU when there is one, else the CPU; an unavailable GPU is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"profile.device={name} but torch sees no CUDA device; use profile.device=cpu (or auto)")
-    return device
+from das_lab.pipeline import build_module
+from das_lab.utils.flops import cost_subject, count_flops, count_params
+from das_lab.utils.timing import (
+    backward_step,
+    example_input,
+    forward_step,
+    median_seconds,
+    peak_memory_mib,
+    precision_dtype,
+    resolve_device,
+)
 
 
-def autocast(device: torch.device, precision: str) -> AbstractContextManager:
-    """The autocast context of ``precision`` (fp32: none)."""
-    if precision not in PRECISIONS:
-        raise UserError(f"profile.precision={precision} is not supported; choose one of {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work so that wall-clock times are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls of ``step`` after ``warmup`` untimed calls."""
-    if repeats < 1:
-        raise UserError(f"profile.repeats={repeats}: need at least one timed pass")
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def peak_memory_mib(step: Callable[[], Any], device: torch.device) -> float:
-    """Peak tensor memory one call of ``step`` allocates on ``device`` beyond what already exists (MiB)."""
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / MIB
-    if device.type != "cpu":
-        return math.nan
-    # kineto's levels end with USDT=5 (its profiler_start/stop lines); 6 silences them, read at each start
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
-        step()
-    allocations = sorted(
-        (e for e in recorded.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
-        key=lambda e: e.start_ns(),
-    )
-    current = peak = 0
-    for event in allocations:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak / MIB
-
-
-def forward_step(model: nn.Module, x: torch.Tensor, precision: str) -> Callable[[], None]:
-    """One inference pass (no autograd graph)."""
-
-    def step() -> None:
-        with torch.no_grad(), autocast(x.device, precision):
-            model(x)
-
-    return step
-
-
-def backward_step(model: nn.Module, x: torch.Tensor, precision: str) -> Callable[[], None]:
-    """One forward+backward pass with a scalar loss (no optimizer step)."""
-
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        with autocast(x.device, precision):
-            out = model(x)
-        out.float().mean().backward()
-
-    return step
-
-
-def example_input(shape: Sequence[int], device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """A reproducible random input of ``shape`` on ``device``."""
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+# ----------------------------------------------------------------------------- the model table
 
 
 @dataclass
@@ -161,15 +73,15 @@ class ModelCost:
 
 
 def measure_model(
-    name: str, model: nn.Module, image_size: int, batch_size: int, device: torch.device, *,
+    name: str, model: nn.Module, input_size: tuple[int, int], batch_size: int, device: torch.device, *,
     precision: str = "fp32", channels_last: bool = False, warmup: int = 2, repeats: int = 5,
 ) -> ModelCost:
-    """Params, GMACs (batch 1, fp32) and throughput/peak memory at ``batch_size`` of one model."""
+    """Params, GMACs (batch 1, fp32) and throughput/peak memory at ``batch_size`` of one model on (height, width) inputs."""
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    gflops = count_flops(model, (1, 3, image_size, image_size), device=device) / 2e9
-    x = example_input((batch_size, 3, image_size, image_size), device, channels_last)
+    gflops = count_flops(model, (1, 3, *input_size), device=device) / 2e9
+    x = example_input((batch_size, 3, *input_size), device, channels_last)
     try:
         model.eval()
         forward = forward_step(model, x, precision)
@@ -180,6 +92,11 @@ def measure_model(
         train_s = median_seconds(train, device, warmup, repeats)
         model.zero_grad(set_to_none=True)
         train_mib = peak_memory_mib(train, device)
+    except ValueError as error:  # e.g. BatchNorm of a segmentor's pooled 1x1 maps in a training pass of one image
+        raise UserError(
+            f"{name} does not run at profile.batch_size={batch_size} ({str(error).splitlines()[0]}); "
+            "use profile.batch_size=2 or more"
+        ) from error
     except RuntimeError as error:
         if precision == "fp32":
             raise
@@ -214,13 +131,24 @@ class GlobalSelfAttention(nn.Module):
         return self.proj(out.transpose(-1, -2).reshape(batch, channels, height, width))
 
 
+CURVE_DAT_VARIANT = "dat_tiny"  # the curve's deformable attention has this variant's stage-1 settings
+
+
+@functools.cache
+def _dat_stage1() -> dict[str, Any]:
+    """Stage 1's entry of every per-stage setting of ``conf/model/<CURVE_DAT_VARIANT>.yaml``."""
+    return {key: value[0] for key, value in variant_args(CURVE_DAT_VARIANT).items() if isinstance(value, list)}
+
+
 def _deformable_attention(width: int, heads: int, side: int) -> nn.Module:
     if width % heads:
         raise UserError(f"profile.layer_heads={heads} does not divide profile.layer_width={width}; choose a divisor")
+    stage = _dat_stage1()
     return DeformableAttention(
-        (side, side), n_heads=heads, n_head_channels=width // heads, n_groups=1, attn_drop=0.0, proj_drop=0.0,
-        stride=8, offset_range_factor=-1.0, use_pe=True, dwc_pe=False, no_off=False, fixed_pe=False, ksize=9,
-        log_cpb=False,
+        (side, side), n_heads=heads, n_head_channels=width // heads, n_groups=stage["groups"], attn_drop=0.0,
+        proj_drop=0.0, stride=stage["strides"], offset_range_factor=stage["offset_range_factor"],
+        use_pe=stage["use_pes"], dwc_pe=stage["dwc_pes"], no_off=stage["no_offs"], fixed_pe=stage["fixed_pes"],
+        ksize=stage["ksizes"], log_cpb=stage["log_cpb"],
     )
 
 
@@ -356,6 +284,7 @@ def with_ratios(costs: Sequence[ModelCost]) -> list[dict[str, Any]]:
 
 
 MODEL_HEADER = ("model", "params (M)", "GFLOPs", "fwd img/s", "fwd+bwd img/s", "fwd peak MiB", "fwd+bwd peak MiB")
+GFLOPS_COLUMN = MODEL_HEADER.index("GFLOPs")
 RATIO_HEADER = ("params x", "GFLOPs x", "fwd img/s x", "fwd+bwd img/s x")
 
 
@@ -374,28 +303,53 @@ def model_config(cfg: DictConfig, name: str) -> DictConfig:
 # ----------------------------------------------------------------------------- the command
 
 
+def profiled_network(cfg: DictConfig, model_cfg: DictConfig) -> tuple[nn.Module, Optional[tuple[int, int]]]:
+    """The network a model config is profiled as, and its (height, width) input: with ``task`` set, what the task
+    declares (a whole segmentor at its test scale), else the model on square ``profile.image_size`` inputs."""
+    image_size = cfg.profile.image_size
+    if cfg.get("task") is None:
+        return instantiate(model_cfg), (int(image_size), int(image_size)) if image_size else None
+    net, module = build_module(model_cfg, cfg.task, None, None)
+    return cost_subject(net, module, int(image_size) if image_size else None)
+
+
 def profile(cfg: DictConfig, run: Run) -> Outcome:
     """Print the model table (and the resolution curve) and write them to the run folder."""
     out_dir = run.dir
     settings = cfg.profile
-    device = resolve_device(str(settings.device))
-    image_size, batch = int(settings.image_size), int(settings.batch_size)
+    device = resolve_device(str(settings.device), option="profile.device")
+    precision_dtype(str(settings.precision), option="profile.precision")
+    if int(settings.repeats) < 1:
+        raise UserError(f"profile.repeats={settings.repeats}: need at least one timed pass")
+    batch = int(settings.batch_size)
     chosen = HydraConfig.get().runtime.choices.get("model", "model")
     configs = {str(name): model_config(cfg, str(name)) for name in settings.compare} or {chosen: cfg.model}
+    network, input_size = profiled_network(cfg, next(iter(configs.values())))
+    if input_size is None:
+        raise UserError(f"profile.image_size is not set (data={HydraConfig.get().runtime.choices.get('data')} has no "
+                        "image_size); set profile.image_size=<pixels>, e.g. profile.image_size=224")
+    height, width = input_size
+    with_task = cfg.get("task") is not None  # inputs need not be square: say which size the GFLOPs count
+    shown_size = f"{width}x{height} (width x height)" if with_task else f"{height}px"
     run.start()
-    print(f"das-lab profile on {device} ({torch.get_num_threads()} threads), {image_size}px, batch {batch}, "
+    print(f"das-lab profile on {device} ({torch.get_num_threads()} threads), {shown_size}, batch {batch}, "
           f"{settings.precision}{', channels_last' if settings.channels_last else ''}; "
           f"median of {settings.repeats} after {settings.warmup} warm-up; GFLOPs = GMACs at batch 1", flush=True)
-    costs = [
-        measure_model(name, instantiate(config), image_size, batch, device, precision=str(settings.precision),
-                      channels_last=bool(settings.channels_last), warmup=int(settings.warmup),
-                      repeats=int(settings.repeats))
-        for name, config in configs.items()
-    ]
+    costs = []
+    for name, config in configs.items():
+        if network is None:  # one network alive at a time
+            network, input_size = profiled_network(cfg, config)
+        costs.append(measure_model(
+            name, network, input_size, batch, device, precision=str(settings.precision),
+            channels_last=bool(settings.channels_last), warmup=int(settings.warmup), repeats=int(settings.repeats),
+        ))
+        network = None
     rows = with_ratios(costs)
     compare = len(rows) > 1
     keys = [f.name for f in fields(ModelCost)] + (list(RATIOS.values()) if compare else [])
-    header = MODEL_HEADER + (RATIO_HEADER if compare else ())
+    header = list(MODEL_HEADER) + (list(RATIO_HEADER) if compare else [])
+    if with_task:
+        header[GFLOPS_COLUMN] = f"GFLOPs @{width}x{height}"
     print(markdown_table(header, [[row[k] for k in keys] for row in rows]), flush=True)
     files = [out_dir / "profile.csv"]
     write_csv(files[0], rows)

@@ -69,7 +69,7 @@ def train(cfg: DictConfig, run: Run) -> Outcome:
     if resume_state is not None:
         check_checkpoint_fits(module, resume_state, resume_from)
     record = run.record
-    record.params, record.gflops = model_cost(net, cfg.get("flops_image_size"))
+    record.params, record.gflops = model_cost(net, module, cfg.get("flops_image_size"))
     log.info("model %s: %.2fM params, %s GFLOPs", type(net).__name__, record.params / 1e6, record.gflops)
     run.loggers = instantiate_group(with_resumed_wandb_id(cfg.get("logger"), resume_state))
     stored = stored_config(cfg)

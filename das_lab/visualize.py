@@ -14,7 +14,7 @@ from torch import Tensor
 
 from das_lab.command import Outcome, Run, run_command
 from das_lab.data.digits import ClutteredDigits, DigitsDataModule
-from das_lab.data.image_io import read_rgb
+from das_lab.data.decode import read_rgb
 from das_lab.errors import ConfigError
 from das_lab.pipeline import restore_checkpoint
 from das_lab.plots import attention_figures, can_draw, save_figures

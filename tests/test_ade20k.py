@@ -19,7 +19,7 @@ from das_lab.data.ade20k import (
     rescale_size,
     to_train_ids,
 )
-from das_lab.data.image_io import CorruptImageError
+from das_lab.data.decode import CorruptImageError
 from das_lab.data.verify import main as verify_main
 from fake_ade20k import make_ade20k, zip_release
 

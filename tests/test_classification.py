@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from das_lab.callbacks.nonfinite import StopOnNonFiniteLoss
-from das_lab.data.base import DataModuleBase
+from das_lab.data.datamodule import DataModuleBase
 from das_lab.errors import NonFiniteError
 from das_lab.tasks.classification import ClassificationModule
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from das_lab.data.coco import CocoDataModule
-from das_lab.data.image_io import CorruptImageError
+from das_lab.data.decode import CorruptImageError
 from fake_coco import CATEGORIES, make_fake_coco
 
 

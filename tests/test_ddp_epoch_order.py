@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from das_lab.data.base import DataModuleBase
+from das_lab.data.datamodule import DataModuleBase
 
 
 class _Indices(Dataset):

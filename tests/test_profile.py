@@ -98,6 +98,8 @@ def test_help_lists_only_the_groups_profile_uses(tmp_path):
     result = run_cli(["profile", "--help"], tmp_path)
     assert result.returncode == 0, result.stderr
     groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
-    assert [line.split(":")[0] for line in groups.splitlines() if ": " in line] == ["data", "model", "paths"]
+    assert [line.split(":")[0] for line in groups.splitlines() if ": " in line] == [
+        "data", "model", "task", "optimizer", "scheduler", "paths"
+    ]
     assert "das_resnet_tiny" in groups
     assert not (tmp_path / "outputs").exists()

@@ -11,8 +11,10 @@ from PIL import Image
 
 from cli_helpers import read_metrics, run_cli, run_dirs
 from fake_ade20k import make_ade20k
-from das_lab.data.image_io import read_rgb
+from das_lab.data.decode import read_rgb
+from das_lab.pipeline import restore_checkpoint
 from das_lab.tasks.segmentation_overlays import palette
+from das_lab.utils.flops import count_gmacs, count_params
 from das_lab.visualize import main as visualize_main
 from test_segmentation import numpy_scores
 
@@ -42,12 +44,18 @@ def test_train_das_resnet_then_eval_writes_release_format_predictions(tmp_path: 
     assert metrics["status"] == "completed"
     assert {"val/miou", "val/macc", "val/aacc", "test/miou"} <= set(metrics["final"]) and "val/miou" in metrics["best"]
     assert all(0.0 <= metrics["final"][k] <= 1.0 for k in ("val/miou", "val/macc", "val/aacc"))
+    # params and GFLOPs of the whole segmentor, on one image at task.test_scale [96, 64] (width x height)
+    segmentor = restore_checkpoint(metrics["ckpt_best"]).module.segmentor
+    assert metrics["params"] == count_params(segmentor)
+    assert metrics["gflops"] == pytest.approx(count_gmacs(segmentor, (1, 3, 64, 96)), abs=1e-4)
 
     done = run_cli(["eval", f"ckpt_path={metrics['ckpt_best']}", "splits=[val]", "trainer.accelerator=cpu",
                     "trainer.enable_progress_bar=false"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     eval_dir = next(d for d in run_dirs(tmp_path) if d != train_dir)
-    scores = read_metrics(eval_dir)["final"]
+    evaluated = read_metrics(eval_dir)
+    scores = evaluated["final"]
+    assert (evaluated["params"], evaluated["gflops"]) == (metrics["params"], metrics["gflops"])
     written = sorted((eval_dir / "predictions_val").glob("*.png"))
     assert [p.stem for p in written] == sorted(fake.labels["validation"])
     predictions, labels = [], []

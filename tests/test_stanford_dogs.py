@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from das_lab.data.image_io import CorruptImageError, SkippedImagesReport
+from das_lab.callbacks.skipped_images import SkippedImagesReport
+from das_lab.data.decode import CorruptImageError
 from das_lab.data.stanford_dogs import StanfordDogsDataModule
 from fake_datasets import DOG_BREEDS, class_colour, make_stanford_dogs, make_stanford_dogs_archives, snapshot, truncate
 

@@ -18,7 +18,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from das_lab.data.image_io import decode_rgb
+from das_lab.data.decode import decode_rgb
 from das_lab.data.transforms import TRAIN_AUGMENT_KEYS, augment_ops, build_eval_transform, build_train_transform, posterize
 from das_lab.data.verify import compose_config
 from fake_datasets import DOG_BREEDS, make_stanford_dogs

@@ -27,8 +27,9 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from das_lab.data.base import DataModuleBase
-from das_lab.data.image_io import CorruptImageError, extract_once, read_rgb
+from das_lab.data.archives import extract_once
+from das_lab.data.datamodule import DataModuleBase
+from das_lab.data.decode import CorruptImageError, read_rgb
 
 log = logging.getLogger(__name__)
 

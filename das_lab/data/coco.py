@@ -22,8 +22,8 @@ from faster_coco_eval import COCO
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-from das_lab.data.base import DataModuleBase
-from das_lab.data.image_io import read_rgb
+from das_lab.data.datamodule import DataModuleBase
+from das_lab.data.decode import read_rgb
 from das_lab.tasks.coco_metrics import prepare_ground_truth
 
 Target = dict[str, Any]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from das_lab.data.base import DataModuleBase
+from das_lab.data.datamodule import DataModuleBase
 
 _SCAN_SIZE = 8
 _MEAN = 0.1

@@ -31,7 +31,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.datasets.imagenet import ARCHIVE_META
 from torchvision.datasets.utils import check_integrity
 
-from das_lab.data.image_io import ImageClassificationDataModule, SplitSamples, extract_once
+from das_lab.data.archives import extract_once
+from das_lab.data.datamodule import ImageClassificationDataModule, SplitSamples
 
 OFFICIAL_SIZES = {"train": 1281167, "val": 50000, "test": 50000}
 OFFICIAL_CLASSES = 1000

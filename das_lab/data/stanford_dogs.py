@@ -23,15 +23,10 @@ from typing import Any, Callable, Mapping, Optional
 import scipy.io
 import torch
 
-from das_lab.data.image_io import (
-    CorruptImageError,
-    ImageClassificationDataModule,
-    ImageSampleDataset,
-    SplitSamples,
-    extract_once,
-    extract_tar,
-    read_rgb,
-)
+from das_lab.data.archives import extract_once, extract_tar
+from das_lab.data.datamodule import ImageClassificationDataModule, SplitSamples
+from das_lab.data.datasets import ImageSampleDataset
+from das_lab.data.decode import CorruptImageError, read_rgb
 
 ARCHIVES = ("images.tar", "annotation.tar", "lists.tar")
 OFFICIAL_TRAIN = 12000

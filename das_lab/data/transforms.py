@@ -3,7 +3,7 @@
 ``train_augment`` holds keyword arguments of timm's ``create_transform`` (``scale``, ``ratio``,
 ``hflip``, ``vflip``, ``color_jitter``, ``auto_augment``, ``interpolation``, ``re_prob``,
 ``re_mode``, ``re_count``); ``conf/recipe/*.yaml`` set them. Inputs are the uint8 RGB tensors of
-``das_lab.data.image_io``. A recipe of only random-resized-crop and flips runs as torchvision
+``das_lab.data.decode``. A recipe of only random-resized-crop and flips runs as torchvision
 transforms v2 on those tensors (no PIL round trip); a recipe with colour jitter, RandAugment /
 AutoAugment or random erasing runs timm's own ``create_transform`` pipeline, so the recipe means
 exactly what it means in timm, with one exception: posterizing to 0 bits. timm's RandAugment

@@ -21,7 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from das_lab.config import config_dir
 from das_lab.data.ade20k import ADE20KDataModule
-from das_lab.data.image_io import CorruptImageError, ImageClassificationDataModule, ImageSampleDataset
+from das_lab.data.datamodule import ImageClassificationDataModule
+from das_lab.data.datasets import ImageSampleDataset
+from das_lab.data.decode import CorruptImageError
 
 SHOWN_UNREADABLE = 20
 # what a dataset or its config can be wrong with; anything else is a bug and keeps its traceback

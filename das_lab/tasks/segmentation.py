@@ -155,6 +155,15 @@ class SegmentationModule(TimmSchedulerMixin, L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.segmentor(images)
 
+    def cost_network(self) -> nn.Module:
+        """The whole segmentor: its parameters with the auxiliary head, as mmseg's papers count them."""
+        return self.segmentor
+
+    def cost_input_size(self) -> tuple[int, int]:
+        """(height, width) of the test scale, 512 x 2048 by default: the image the papers count GFLOPs on."""
+        long, short = self.test_scale
+        return short, long
+
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="none").mean()
 

@@ -11,7 +11,7 @@ from torchvision.io import write_png
 from torchvision.utils import draw_segmentation_masks
 
 from das_lab.data.ade20k import normalize
-from das_lab.data.image_io import read_rgb
+from das_lab.data.decode import read_rgb
 from das_lab.tasks.segmentation import SegmentationModule
 
 

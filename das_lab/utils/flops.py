@@ -7,11 +7,12 @@ CUDA) and ``F.scaled_dot_product_attention`` on the CPU (``aten::_scaled_dot_pro
 would be silently uncounted. The formulas registered here count multiply-accumulates x 2, the
 counter's convention, so ``count_flops(...) / 2`` gives the MACs that papers report as "FLOPs".
 Element-wise operations (norms, activations, softmax) are not counted, as in those papers.
+What a run counts is the backbone on a square image, unless its task declares more (``CostedTask``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 import torchvision  # noqa: F401  (registers torch.ops.torchvision)
@@ -99,3 +100,30 @@ def count_gmacs(model: nn.Module, input_shape: Sequence[int], *, device: str | t
 def count_params(model: nn.Module) -> int:
     """Number of parameters (trainable or not), as papers report them."""
     return sum(p.numel() for p in model.parameters())
+
+
+@runtime_checkable
+class CostedTask(Protocol):
+    """A task module that names the network and input its papers count, when that is more than the backbone.
+
+    mmsegmentation's papers count a segmentor's parameters with every head and its FLOPs (as
+    GMACs) on one image at the test scale, 2048x512, where the auxiliary head does not run.
+    """
+
+    def cost_network(self) -> nn.Module:
+        """The network whose parameters and FLOPs are reported."""
+        ...
+
+    def cost_input_size(self) -> tuple[int, int]:
+        """(height, width) of the one image the FLOPs are counted on."""
+        ...
+
+
+def cost_subject(net: nn.Module, module: Any, image_size: Optional[int]) -> tuple[nn.Module, Optional[tuple[int, int]]]:
+    """What a run's params and GFLOPs are counted on: a task's declaration, else ``net`` on a square ``image_size`` input.
+
+    The size is None when there is nothing to count FLOPs at (no declaration and no ``image_size``).
+    """
+    if isinstance(module, CostedTask):
+        return module.cost_network(), module.cost_input_size()
+    return net, (image_size, image_size) if image_size else None
