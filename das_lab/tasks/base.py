@@ -136,6 +136,12 @@ def records_of(declared: Mapping[str, MetricSpec], keys: Sequence[str]) -> dict[
 # ----------------------------------------------------------------------------- what tasks read from their data
 
 
+class BatchedData(Protocol):
+    """A datamodule whose batch size scales the learning rate (``task.lr_reference_batch``)."""
+
+    batch_size: int
+
+
 class DetectionData(Protocol):
     """What the detection task reads from its datamodule (``data=coco`` implements it)."""
 
