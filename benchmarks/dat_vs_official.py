@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
 from das_lab.models.neighborhood_attention import na2d_aggregate_torch, na2d_logits_torch
-from das_lab.profile import markdown_table
+from das_lab.utils.tables import markdown_table, measured
 from das_lab.utils.timing import backward_step, example_input, resolve_device, synchronize
 
 
@@ -166,7 +166,7 @@ def main() -> None:
     ratios = [a / b for a, b in zip(ours_t, official_t)]
     rows = [[name, 1000 * statistics.median(t), spread([1000 * s for s in t]), args.batch / statistics.median(t)]
             for name, t in times.items()]
-    print(markdown_table(("model", "median ms", "spread ms", "img/s"), rows))
+    print(markdown_table(("model", "median ms", "spread ms", "img/s"), [measured(row) for row in rows], align="lrrr"))
     print(f"\ntime ratio das-lab / official: median {statistics.median(ratios):.3f}, spread {spread(ratios)} "
           f"over {len(ratios)} pairs")
 

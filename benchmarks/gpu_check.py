@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
-from das_lab.profile import markdown_table
+from das_lab.utils.tables import markdown_table, measured
 from das_lab.utils.timing import autocast, peak_memory_mib, resolve_device, synchronize
 from das_lab.tasks.classification import ClassificationModule
 from das_lab.tasks.speed import apply_speed_options
@@ -302,7 +302,7 @@ def table(results: dict[str, Any]) -> str:
                  loop["ratio"], "<= 1.05"])
     rows.append([f"das-lab train end to end ({e2e['workers']} workers)", f"{e2e['img_s']:.1f} img/s",
                  e2e["loader_wait_fraction"], "loader-wait share (0: compute-bound)"])
-    return markdown_table(("check", "measured", "value", "goal / meaning"), rows)
+    return markdown_table(("check", "measured", "value", "goal / meaning"), [measured(row) for row in rows])
 
 
 def machine(device: torch.device) -> dict[str, Optional[str | int]]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
-from das_lab.profile import markdown_table
+from das_lab.utils.tables import markdown_table, measured
 from das_lab.utils.timing import autocast, example_input, resolve_device, synchronize
 from das_lab.tasks.speed import apply_speed_options
 
@@ -93,7 +93,7 @@ def main() -> None:
     reference = seconds[args.models[0]]
     print(markdown_table(
         ("model", "ms/step", "img/s", f"time x {args.models[0]}"),
-        [[name, 1000 * s, batch / s, s / reference] for name, s in seconds.items()],
+        [measured([name, 1000 * s, batch / s, s / reference]) for name, s in seconds.items()], align="lrrr",
     ))
 
 

@@ -21,6 +21,14 @@ class CheckpointError(UserError):
     """A checkpoint file that cannot be used: missing, truncated, foreign or holding pickled objects."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint or weights path that names no file."""
+
+
+class PickledCheckpointError(CheckpointError, ValueError):
+    """A file holding pickled Python objects besides tensors, refused by ``torch.load(weights_only=True)``."""
+
+
 class RunFolderError(UserError):
     """A run folder that cannot be used: not writable, or holding another run that would be overwritten."""
 

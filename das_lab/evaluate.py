@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from das_lab.command import Outcome, Run
 from das_lab.errors import ConfigError
 from das_lab.pipeline import instantiate_group, model_cost, restore_checkpoint, scalar_metrics
+from das_lab.tasks.base import metric_declarations, task_metrics
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ def evaluate(cfg: DictConfig, run: Run) -> Outcome:
     restored = restore_checkpoint(cfg.ckpt_path, cfg.get("data"))
     datamodule = instantiate(restored.data)
     run.record.params, run.record.gflops = model_cost(restored.net, restored.module, restored.flops_image_size)
+    run.record.declared = metric_declarations(task_metrics(restored.module))
     run.loggers = instantiate_group(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, logger=run.loggers or False)
     run.start()

@@ -17,6 +17,7 @@ from das_lab.command import Outcome, Run, run_command
 from das_lab.errors import ConfigError
 from das_lab.model_card import model_card
 from das_lab.pipeline import restore_checkpoint
+from das_lab.tasks.base import ImageInputs, require_data
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def empty_out_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def load_classifier(ckpt_path: str) -> tuple[nn.Module, Any, DictConfig]:
+def load_classifier(ckpt_path: str) -> tuple[nn.Module, ImageInputs, DictConfig]:
     """The backbone of a das-lab classification checkpoint (eval mode), its datamodule and data config."""
     from das_lab.tasks.classification import ClassificationModule
 
@@ -50,7 +51,8 @@ def load_classifier(ckpt_path: str) -> tuple[nn.Module, Any, DictConfig]:
         raise ConfigError(
             f"{ckpt_path} holds a {type(restored.module).__name__}; das-lab export and predict take classification models"
         )
-    return restored.net.eval(), instantiate(restored.data), restored.data
+    datamodule = require_data(instantiate(restored.data), ImageInputs, "das-lab export and predict")
+    return restored.net.eval(), datamodule, restored.data
 
 
 def sample_batch(input_size: Sequence[int], batch: int, seed: int = 0) -> torch.Tensor:

@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from das_lab.utils.tables import markdown_table
+
 TIMM_CITATION = "Ross Wightman, PyTorch Image Models (timm), 2019, https://github.com/huggingface/pytorch-image-models"
 
 
@@ -24,12 +26,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _metric_rows(metrics: dict[str, Any]) -> list[str]:
     final, best = metrics.get("final", {}), metrics.get("best", {})
-    rows = ["| metric | split | final | best |", "|---|---|---|---|"]
+    rows = []
     for name in sorted(set(final) | set(best)):
         split, _, short = name.partition("/")
         values = [f"{v:.4f}" if isinstance(v, (int, float)) else "n/a" for v in (final.get(name), best.get(name))]
-        rows.append(f"| {short or name} | {split if short else 'n/a'} | {values[0]} | {values[1]} |")
-    return rows if len(rows) > 2 else ["No metrics were recorded for this run."]
+        rows.append([short or name, split if short else "n/a", *values])
+    return [markdown_table(["metric", "split", "final", "best"], rows)] if rows else ["No metrics were recorded for this run."]
 
 
 def _recipe_lines(run_dir: Optional[Path]) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -17,7 +16,7 @@ from torch import nn
 
 from das_lab.callbacks.checkpoint_state import CONFIG_KEY
 from das_lab.errors import CheckpointError
-from das_lab.models.weights import WeightsMismatchError, compare_state_dicts
+from das_lab.models.weights import WeightsMismatchError, compare_state_dicts, read_torch_file
 from das_lab.utils.flops import cost_subject, count_gmacs, count_params
 
 log = logging.getLogger(__name__)
@@ -95,22 +94,11 @@ def scalar_metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> dict[str, O
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; a missing, truncated or pickled file is a clear error."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path} (check ckpt_path; runs keep theirs in <run>/checkpoints/)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path} holds pickled Python objects besides tensors, so it is not loaded (weights_only=True); "
-            f"das-lab reads checkpoints written by `das-lab train` (use init_from=<file> for plain weights)"
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or not written by torch.save: "
-            f"{str(error).splitlines()[0]}); point ckpt_path at a complete .ckpt file"
-        ) from error
+    """A das-lab checkpoint as a dict; a missing, truncated or pickled file is a clear error."""
+    checkpoint = read_torch_file(
+        path, "checkpoint", "check ckpt_path: das-lab reads the checkpoints `das-lab train` writes (runs keep theirs "
+        "in <run>/checkpoints/); use init_from=<file> for plain weights"
+    )
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint

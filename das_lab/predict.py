@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import glob
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -18,6 +17,7 @@ from tqdm import tqdm
 from das_lab.command import Outcome, Run, run_command
 from das_lab.data.decode import CorruptImageError, read_rgb
 from das_lab.errors import ConfigError
+from das_lab.utils.tables import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,9 @@ def collate_readable(items: list[tuple[int, Optional[Tensor]]]) -> tuple[list[in
 def from_checkpoint(ckpt_path: str) -> tuple[nn.Module, Transform, list[str]]:
     """Network, the eval transform of its datamodule, and class names of a das-lab checkpoint."""
     from das_lab.export import load_classifier
-    from das_lab.visualize import eval_transform
 
     net, datamodule, _ = load_classifier(ckpt_path)
-    return net, eval_transform(datamodule), list(datamodule.class_names)
+    return net, datamodule.eval_transform, list(datamodule.class_names)
 
 
 def from_export(folder: str) -> tuple[nn.Module, Transform, list[str]]:
@@ -117,16 +116,19 @@ def predict(cfg: DictConfig, run: Run) -> Outcome:
     out = Path(cfg.out or run.dir / "predictions.csv").expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     unreadable: list[Path] = []
-    with out.open("w", newline="") as handle, torch.no_grad():
-        writer = csv.writer(handle)
-        writer.writerow(["file", *(f"{column}_{rank}" for rank in range(1, k + 1) for column in ("class", "prob"))])
+
+    def rows() -> Iterator[list[str]]:
         for indices, images, bad in tqdm(loader, desc="predict", unit="batch", file=sys.stderr):
-            unreadable += [files[i] for i in bad]
+            unreadable.extend(files[i] for i in bad)
             if images is None:
                 continue
             probs, classes = net(images.to(device)).float().softmax(-1).topk(k, dim=-1)
             for index, p_row, c_row in zip(indices, probs.tolist(), classes.tolist()):
-                writer.writerow([str(files[index]), *(v for c, p in zip(c_row, p_row) for v in (names[c], f"{p:.6f}"))])
+                yield [str(files[index]), *(v for c, p in zip(c_row, p_row) for v in (names[c], f"{p:.6f}"))]
+
+    header = ["file", *(f"{column}_{rank}" for rank in range(1, k + 1) for column in ("class", "prob"))]
+    with torch.no_grad():
+        write_csv(out, header, rows())
     print(f"{len(files) - len(unreadable)} image(s) labelled: {out}")
     if unreadable:
         print(f"{len(unreadable)} unreadable file(s) skipped:", *unreadable, sep="\n  ", file=sys.stderr)

@@ -22,7 +22,6 @@ points up to ``profile.timing_limit_gmacs`` are also timed at batch 1.
 from __future__ import annotations
 
 import copy
-import csv
 import functools
 import math
 import statistics
@@ -44,6 +43,7 @@ from das_lab.models.builder import compose_model_config, variant_args
 from das_lab.models.das import DASGate
 from das_lab.models.dat import DeformableAttention
 from das_lab.pipeline import build_module
+from das_lab.utils.tables import markdown_table, measured, write_csv
 from das_lab.utils.flops import cost_subject, count_flops, count_params
 from das_lab.utils.timing import (
     backward_step,
@@ -243,32 +243,6 @@ def plot_curve(points: Sequence[CurvePoint], path: Path, title: str) -> None:
     figure.savefig(path, dpi=120)
 
 
-# ----------------------------------------------------------------------------- tables and files
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table; floats get three significant decimals."""
-
-    def cell(value: Any) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """One row per record, columns in the first record's order."""
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
-
-
 RATIOS = {"params_m": "params_x", "gflops": "gflops_x", "fwd_img_s": "fwd_img_s_x", "train_img_s": "train_img_s_x"}
 
 
@@ -350,9 +324,10 @@ def profile(cfg: DictConfig, run: Run) -> Outcome:
     header = list(MODEL_HEADER) + (list(RATIO_HEADER) if compare else [])
     if with_task:
         header[GFLOPS_COLUMN] = f"GFLOPs @{width}x{height}"
-    print(markdown_table(header, [[row[k] for k in keys] for row in rows]), flush=True)
+    print(markdown_table(header, [measured([row[k] for k in keys]) for row in rows], align="l" + "r" * (len(header) - 1)),
+          flush=True)
     files = [out_dir / "profile.csv"]
-    write_csv(files[0], rows)
+    write_csv(files[0], keys, ([row[k] for k in keys] for row in rows))
 
     if settings.resolutions:
         limits = OmegaConf.to_container(settings.timing_limit_gmacs)
@@ -365,13 +340,15 @@ def profile(cfg: DictConfig, run: Run) -> Outcome:
               f"resolution/{settings.layer_stride}, batch 1, fp32")
         print(markdown_table(
             ("layer", "resolution", "map", "tokens", "GFLOPs", "ms", "peak MiB", "note"),
-            [[p.layer, p.resolution, f"{p.map_side}x{p.map_side}", p.tokens, p.gflops, p.ms, p.peak_mib, p.note]
-             for p in points],
+            [measured([p.layer, p.resolution, f"{p.map_side}x{p.map_side}", p.tokens, p.gflops, p.ms, p.peak_mib,
+                       p.note]) for p in points],
+            align="lrrrrrrl",
         ))
         print("growth of GFLOPs with the pixel count (1 = linear, 2 = quadratic): " + ", ".join(
             f"{layer} {growth_exponent(points, layer):.2f}" for layer in CURVE_LAYERS))
         files += [out_dir / "resolution_curve.csv", out_dir / "resolution_curve.png"]
-        write_csv(files[1], [asdict(p) for p in points])
+        curve_keys = [f.name for f in fields(CurvePoint)]
+        write_csv(files[1], curve_keys, ([getattr(p, k) for k in curve_keys] for p in points))
         plot_curve(points, files[2], f"cost vs resolution: {settings.layer_width} channels at stride "
                                      f"{settings.layer_stride} on {device.type}")
     print("\nwritten: " + ", ".join(str(f) for f in files))

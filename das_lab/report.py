@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import csv
+import functools
 import glob
 import json
 import math
@@ -16,8 +16,15 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-# metrics shown when present, in this order: classification top-1, detection AP, segmentation mIoU
-METRICS = ("val/acc1", "val/map", "val/miou", "test/acc1", "test/map", "test/miou")
+from das_lab.tasks.base import Declarations, MetricSpec, declarations_from_record, metric_declarations, task_metrics
+from das_lab.utils.tables import markdown_table, write_csv
+
+# whose declarations judge and show the metrics of a run that recorded none and names no task
+BUILTIN_TASKS = (
+    "das_lab.tasks.classification.ClassificationModule",
+    "das_lab.tasks.detection.DetectionModule",
+    "das_lab.tasks.segmentation.SegmentationModule",
+)
 # a job folder without metrics.json whose files changed within this many seconds is still running
 RUNNING_WINDOW_S = 30 * 60
 SEED_KEY = "seed"
@@ -33,6 +40,7 @@ class Job:
     overrides: dict[str, str]
     metrics: dict[str, Any] = field(default_factory=dict)
     monitor: Optional[str] = None
+    declared: Declarations = field(default_factory=dict)
 
     def value(self, kind: str, metric: str) -> Optional[float]:
         """``kind`` is ``best`` or ``final``; None when the job did not record the metric."""
@@ -61,15 +69,40 @@ def _newest_change(folder: Path) -> float:
     return max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=folder.stat().st_mtime)
 
 
+@functools.lru_cache(maxsize=None)
+def _declared_by(targets: tuple[str, ...]) -> tuple[MetricSpec, ...]:
+    from hydra.utils import get_class
+
+    specs: list[MetricSpec] = []
+    for target in targets:
+        try:
+            specs += task_metrics(get_class(target))
+        except (ImportError, ValueError, TypeError):  # a task class that is gone or declares nothing
+            continue
+    return tuple(specs)
+
+
+def run_declarations(metrics: dict[str, Any], config: dict[str, Any]) -> Declarations:
+    """How a run's metrics are judged and shown: the ``metrics`` entry of its metrics.json; for older runs,
+    the declarations of the task its config names (else of the built-in tasks), with its ``monitor_mode``."""
+    if isinstance(metrics.get("metrics"), dict):
+        return declarations_from_record(metrics["metrics"])
+    task = config.get("task")
+    target = task.get("_target_") if isinstance(task, dict) else None
+    specs = _declared_by((target,) if target else BUILTIN_TASKS)
+    return metric_declarations(specs, config.get("monitor"), config.get("monitor_mode"))
+
+
 def read_job(folder: Path, label: str, now: float) -> Job:
     """A job from its folder: metrics.json when written, else the Hydra files and a FAILED marker."""
-    config = _read_yaml(folder / ".hydra" / "config.yaml") or {}
-    monitor = config.get("monitor") if isinstance(config, dict) else None
+    config = _read_yaml(folder / ".hydra" / "config.yaml")
+    config = config if isinstance(config, dict) else {}
+    monitor = config.get("monitor")
     metrics_path = folder / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         return Job(folder, label, metrics.get("status", "unknown"), parse_overrides(metrics.get("overrides", [])),
-                   metrics, monitor)
+                   metrics, monitor, run_declarations(metrics, config))
     overrides = parse_overrides(_read_yaml(folder / ".hydra" / "overrides.yaml") or [])
     if (folder / "FAILED").is_file():
         status = "failed"
@@ -122,34 +155,48 @@ def swept_keys(jobs: Sequence[Job]) -> list[str]:
     return [k for k in keys if len({job.overrides.get(k) for job in jobs}) > 1]
 
 
-def metric_columns(jobs: Sequence[Job]) -> list[tuple[str, str]]:
-    """(best|final, metric) pairs that at least one job recorded: best/final val metrics, final test."""
+def declarations(jobs: Sequence[Job]) -> Declarations:
+    """The jobs' declarations merged (the first job that declares a metric decides how it is shown)."""
+    merged: Declarations = {}
+    for job in jobs:
+        for key, spec in job.declared.items():
+            merged.setdefault(key, spec)
+    return merged
+
+
+def _headline(jobs: Sequence[Job], stage: str) -> list[str]:
+    """Headline metrics of ``stage`` that some job recorded, in the order the tasks declare them."""
     recorded = {name for job in jobs for kind in ("best", "final") for name in job.metrics.get(kind, {})}
-    columns = []
-    for metric in METRICS:
-        if metric in recorded:
-            kinds = ("best", "final") if metric.startswith("val/") else ("final",)
-            columns += [(kind, metric) for kind in kinds]
-    return columns
+    return [key for key, spec in declarations(jobs).items()
+            if spec.headline and key.startswith(f"{stage}/") and key in recorded]
+
+
+def metric_columns(jobs: Sequence[Job]) -> list[tuple[str, str]]:
+    """(best|final, metric) pairs of the headline metrics some job recorded: best/final val, final test."""
+    return [(kind, metric) for metric in _headline(jobs, "val") for kind in ("best", "final")] + [
+        ("final", metric) for metric in _headline(jobs, "test")
+    ]
 
 
 def primary_metric(jobs: Sequence[Job]) -> Optional[str]:
-    """The metric the sweep optimised (the jobs' ``monitor``) when recorded, else the first of METRICS found."""
+    """The metric the sweep optimised (the jobs' ``monitor``) when recorded, else the first headline val metric."""
     recorded = {name for job in jobs for name in job.metrics.get("best", {})}
     monitors = [job.monitor for job in jobs if job.monitor in recorded]
     if monitors:
         return monitors[0]
-    return next((m for m in METRICS if m in recorded), None)
+    return next(iter(_headline(jobs, "val")), None)
 
 
-def _percent(metric: str) -> bool:
-    return "acc" in metric or "map" in metric or "iou" in metric
+def format_metric(declared: Declarations, metric: str, value: Optional[float]) -> str:
+    """A value as its declaration shows it (a metric nobody declared: as a plain number)."""
+    if metric in declared:
+        return declared[metric].format(value)
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
-def _fmt_metric(metric: str, value: Optional[float]) -> str:
-    if value is None or not math.isfinite(value):
-        return "-"
-    return f"{100 * value:.2f}" if _percent(metric) else f"{value:.4g}"
+def metric_label(declared: Declarations, metric: str, text: str) -> str:
+    """``text`` naming ``metric`` with the unit its values are shown in."""
+    return declared[metric].label(text) if metric in declared else text
 
 
 def _fmt_time(seconds: Optional[float]) -> str:
@@ -164,8 +211,9 @@ def table(
     jobs: Sequence[Job], keys: Sequence[str], columns: Sequence[tuple[str, str]]
 ) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows of the report table."""
+    declared = declarations(jobs)
     header = ["job", *keys, "params (M)", "GFLOPs"]
-    header += [f"{kind} {metric}" + (" (%)" if _percent(metric) else "") for kind, metric in columns]
+    header += [metric_label(declared, metric, f"{kind} {metric}") for kind, metric in columns]
     header += ["time", "status"]
     rows = []
     for job in jobs:
@@ -175,38 +223,22 @@ def table(
             *(job.overrides.get(k, "-") for k in keys),
             f"{params / 1e6:.3f}" if params is not None else "-",
             f"{gflops:.3f}" if gflops is not None else "-",
-            *(_fmt_metric(metric, job.value(kind, metric)) for kind, metric in columns),
+            *(format_metric(declared, metric, job.value(kind, metric)) for kind, metric in columns),
             _fmt_time(job.metrics.get("wall_time_s")),
             job.status,
         ])
     return header, rows
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub-style markdown table with padded columns (readable as plain text too)."""
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
-    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in [header, *rows]]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
-def write_csv(path: Path, jobs: Sequence[Job], keys: Sequence[str], columns: Sequence[tuple[str, str]]) -> None:
+def write_report_csv(path: Path, jobs: Sequence[Job], keys: Sequence[str], columns: Sequence[tuple[str, str]]) -> None:
     """Raw values (fractions, seconds, parameter counts) for further analysis."""
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        metric_names = [f"{kind} {metric}" for kind, metric in columns]
-        writer.writerow(["job", *keys, "params", "gflops", *metric_names, "wall_time_s", "status", "path"])
-        for job in jobs:
-            writer.writerow([
-                job.label,
-                *(job.overrides.get(k, "") for k in keys),
-                job.metrics.get("params", ""),
-                job.metrics.get("gflops", ""),
-                *("" if job.value(k, m) is None else job.value(k, m) for k, m in columns),
-                job.metrics.get("wall_time_s", ""),
-                job.status,
-                str(job.path),
-            ])
+    header = ["job", *keys, "params", "gflops", *(f"{kind} {metric}" for kind, metric in columns), "wall_time_s",
+              "status", "path"]
+    write_csv(path, header, (
+        [job.label, *(job.overrides.get(k) for k in keys), job.metrics.get("params"), job.metrics.get("gflops"),
+         *(job.value(k, m) for k, m in columns), job.metrics.get("wall_time_s"), job.status, str(job.path)]
+        for job in jobs
+    ))
 
 
 def _first_seen(values: Sequence[str]) -> list[str]:
@@ -253,7 +285,8 @@ def plot_metric(out_dir: Path, jobs: Sequence[Job], keys: Sequence[str], metric:
     }
     if not groups:
         return []
-    scale = 100.0 if _percent(metric) else 1.0
+    declared = declarations(jobs)
+    scale = 100.0 if metric in declared and declared[metric].unit == "fraction" else 1.0
     written = []
     for key in varied:
         position = (pooled or [SEED_KEY]).index(key)
@@ -273,7 +306,8 @@ def plot_metric(out_dir: Path, jobs: Sequence[Job], keys: Sequence[str], metric:
         ax.set_xticks(range(len(x_values)))
         ax.set_xticklabels(x_values, rotation=30 if max(map(len, x_values)) > 6 else 0, ha="right", fontsize=8)
         ax.set_xlabel(key)
-        ax.set_ylabel(f"best {metric}" + (" (%)" if scale != 1 else ""))
+        title = declared[metric].title if metric in declared else metric
+        ax.set_ylabel(metric_label(declared, metric, f"best {title}"))
         seeds = max(len(v) for v in groups.values())
         ax.set_title(f"best {metric} vs {key}" + (f" (mean ± std over {seeds} seeds)" if pooled and seeds > 1 else ""),
                      fontsize=9)
@@ -296,11 +330,13 @@ def seed_summary(jobs: Sequence[Job], keys: Sequence[str], metric: str) -> Optio
     groups = seed_groups(jobs, pooled, metric)
     if not groups:
         return None
+    declared = declarations(jobs)
     rows = []
     for setting, values in groups.items():
         mean, std = _mean_std(values)
-        rows.append([*setting, f"{_fmt_metric(metric, mean)} ± {_fmt_metric(metric, std)}", str(len(values))])
-    return markdown_table([*pooled, f"best {metric}" + (" (%)" if _percent(metric) else ""), "seeds"], rows)
+        rows.append([*setting, f"{format_metric(declared, metric, mean)} ± {format_metric(declared, metric, std)}",
+                     str(len(values))])
+    return markdown_table([*pooled, metric_label(declared, metric, f"best {metric}"), "seeds"], rows)
 
 
 def build_report(folders: Sequence[Path], out_dir: Path) -> str:
@@ -311,7 +347,7 @@ def build_report(folders: Sequence[Path], out_dir: Path) -> str:
     header, rows = table(jobs, keys, columns)
     text = markdown_table(header, rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(out_dir / "report.csv", jobs, keys, columns)
+    write_report_csv(out_dir / "report.csv", jobs, keys, columns)
     metric = primary_metric(jobs)
     plots = plot_metric(out_dir, jobs, keys, metric) if metric and keys else []
     counts = {}
@@ -332,7 +368,8 @@ def build_report(folders: Sequence[Path], out_dir: Path) -> str:
     lines += [line for plot in plots for line in ("", f"![{plot.stem}]({plot.name})")]
     from das_lab.search.report import search_section
 
-    searches = [section for folder in folders if (section := search_section(folder, out_dir)) is not None]
+    searches = [section for folder in folders
+                if (section := search_section(folder, out_dir, declarations(jobs))) is not None]
     lines += [line for section in searches for line in section]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return "\n".join([text, *(line for section in searches for line in section if not line.startswith("!["))])

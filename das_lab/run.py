@@ -12,12 +12,13 @@ import time
 import traceback
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from das_lab.atomic_io import write_text_atomic
+from das_lab.tasks.base import MetricSpec, records_of
 
 PACKAGES = ("das-lab", "torch", "torchvision", "lightning", "timm", "torchmetrics", "hydra-core", "omegaconf", "wandb")
 
@@ -27,28 +28,34 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
-def _is_lower_better(metric: str) -> bool:
-    return metric.endswith("loss")
-
-
 class MetricHistory(Callback):
     """Keeps each validation epoch's ``val/*`` metrics so metrics.json can report the best of each.
 
-    Its state travels in checkpoints, so a resumed run still reports the best over all epochs.
+    Which value is best comes from the task's declarations (``declared``: logged name -> MetricSpec,
+    the monitored metric already set to ``monitor_mode``); a ``val/`` metric the task does not declare
+    stops the run at its first validation (the sanity check, when there is one). Its state travels
+    in checkpoints, so a resumed run still reports the best over all epochs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, declared: Mapping[str, MetricSpec], owner: str) -> None:
+        self.declared = dict(declared)
+        self.owner = owner
         self.epochs: list[dict[str, float]] = []
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        if values:
+        values = {k: float(v) for k, v in trainer.callback_metrics.items()
+                  if k.startswith("val/") and not k.endswith(("_step", "_epoch"))}
+        undeclared = sorted(set(values) - set(self.declared))
+        if undeclared:
+            raise ValueError(
+                f"{', '.join(undeclared)} logged but not declared by {self.owner}: add a MetricSpec for "
+                f"{'each' if len(undeclared) > 1 else 'it'} to {self.owner}.metric_specs (das_lab/tasks/base.py)"
+            )
+        if values and not trainer.sanity_checking:
             self.epochs.append(values)
 
     def best(self) -> dict[str, Optional[float]]:
-        """Best value of every metric over the epochs (lowest for losses, highest otherwise).
+        """Best value of every metric over the epochs, in its declared direction.
 
         NaN (undefined, e.g. the AP of an empty size range) never wins; a metric undefined in
         every epoch is None (null in metrics.json).
@@ -58,12 +65,9 @@ class MetricHistory(Callback):
             for name, value in epoch.items():
                 if math.isnan(value):
                     best.setdefault(name, None)
-                elif best.get(name) is None:
-                    best[name] = value
-                elif _is_lower_better(name):
-                    best[name] = min(best[name], value)
                 else:
-                    best[name] = max(best[name], value)
+                    previous = best.get(name)
+                    best[name] = value if previous is None else self.declared[name].better(previous, value)
         return best
 
     def state_dict(self) -> dict[str, Any]:
@@ -117,6 +121,8 @@ class RunRecord:
         self.started = time.monotonic()
         self.params: Optional[int] = None
         self.gflops: Optional[float] = None
+        # logged name -> the task's declaration; metrics.json records those of the metrics it holds
+        self.declared: dict[str, MetricSpec] = {}
         previous = self.previous()
         # SLURM restarts a requeued job in its folder: wall time counts every attempt
         self.earlier_s = float(previous.get("wall_time_s") or 0.0) if previous.get("status") == "requeued" else 0.0
@@ -153,6 +159,7 @@ class RunRecord:
             "overrides": self.overrides,
             "wall_time_s": round(self.earlier_s + time.monotonic() - self.started, 3),
             "ckpt_best": ckpt_best,
+            "metrics": records_of(self.declared, [*final, *(key for key in best if key not in final)]),
         }
 
     def completed(self, final: dict[str, float], best: dict[str, float], ckpt_best: Optional[str]) -> None:

@@ -25,6 +25,7 @@ from das_lab.pipeline import (
     stored_config,
 )
 from das_lab.run import MetricHistory
+from das_lab.tasks.base import monitored_declarations, task_metrics
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +56,23 @@ def resolve_resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str
 
 
 def train(cfg: DictConfig, run: Run) -> Outcome:
-    """Run one training job; its objective (best ``cfg.monitor``) goes to sweepers."""
-    history = MetricHistory()
-    run.measured = history.best
+    """Run one training job; its objective (best ``cfg.monitor``, judged by ``cfg.monitor_mode``) goes to sweepers."""
     run.resume_checkpoint = last_checkpoint(run.dir)
     L.seed_everything(cfg.seed, workers=True)
     resume_from = resolve_resume_path(cfg.get("ckpt_path"), run.dir)
     resume_state = read_checkpoint(resume_from) if resume_from else None
     datamodule = instantiate(cfg.data)
     net, module = build_module(cfg.model, cfg.task, cfg.optimizer, cfg.get("scheduler"))
+    owner = type(module).__name__
+    declared = monitored_declarations(task_metrics(module), cfg.monitor, cfg.monitor_mode, owner)
+    history = MetricHistory(declared, owner)
+    run.measured = history.best
     if cfg.get("init_from"):
         load_weights(net, cfg.init_from, strict=False)
     if resume_state is not None:
         check_checkpoint_fits(module, resume_state, resume_from)
     record = run.record
+    record.declared = declared
     record.params, record.gflops = model_cost(net, module, cfg.get("flops_image_size"))
     log.info("model %s: %.2fM params, %s GFLOPs", type(net).__name__, record.params / 1e6, record.gflops)
     run.loggers = instantiate_group(with_resumed_wandb_id(cfg.get("logger"), resume_state))

@@ -6,47 +6,25 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
 from das_lab.command import Outcome, Run, run_command
-from das_lab.data.digits import ClutteredDigits, DigitsDataModule
 from das_lab.data.decode import read_rgb
 from das_lab.errors import ConfigError
 from das_lab.pipeline import restore_checkpoint
 from das_lab.plots import attention_figures, can_draw, save_figures
+from das_lab.tasks.base import ImageInputs, require_data
 from das_lab.tasks.segmentation import SegmentationModule
 from das_lab.tasks.segmentation_overlays import write_overlays
 
 log = logging.getLogger(__name__)
 
 
-def _digits_transform(datamodule: DigitsDataModule) -> Callable[[Tensor], Tensor]:
-    """Any RGB image -> a digits input: grayscale, resized to data.image_size, normalised like the canvases."""
-
-    def transform(rgb: Tensor) -> Tensor:
-        gray = (rgb.float() * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
-        size = (datamodule.image_size, datamodule.image_size)
-        resized = F.interpolate(gray[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-        canvas = resized.round().clamp(0, 255).to(torch.uint8)
-        return ClutteredDigits(canvas[None], torch.zeros(1, dtype=torch.long))[0][0]
-
-    return transform
-
-
 def eval_transform(datamodule: Any) -> Callable[[Tensor], Tensor]:
     """The checkpoint's evaluation preprocessing for a uint8 (3, H, W) image."""
-    if isinstance(datamodule, DigitsDataModule):
-        return _digits_transform(datamodule)
-    transform = getattr(datamodule, "eval_transform", None)
-    if transform is None:
-        raise ConfigError(
-            f"{type(datamodule).__name__} has no eval_transform: cannot prepare images for this checkpoint's model"
-        )
-    return transform
+    return require_data(datamodule, ImageInputs, "das-lab visualize").eval_transform
 
 
 def visualize(cfg: DictConfig, run: Run) -> Outcome:

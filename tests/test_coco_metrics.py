@@ -17,7 +17,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from das_lab.run import MetricHistory, RunRecord
+from das_lab.tasks.base import MetricSpec, metric_declarations
 from das_lab.tasks.coco_metrics import AP_NAMES, evaluate_coco, prepare_ground_truth, to_coco_results
+from das_lab.tasks.detection import DetectionModule
 from fake_coco import make_split
 
 
@@ -130,7 +132,8 @@ def test_ap_of_a_size_range_without_ground_truth_is_undefined(ground_truth: dict
 
 
 def test_undefined_metrics_never_win_and_are_null_in_metrics_json(tmp_path) -> None:
-    history = MetricHistory()
+    declared = metric_declarations([*DetectionModule.metric_specs, MetricSpec("loss", "min", "value", "loss")])
+    history = MetricHistory(declared, "DetectionModule")
     history.epochs = [
         {"val/map": 0.2, "val/map_large": math.nan, "val/map_medium": math.nan, "val/loss": 1.0},
         {"val/map": math.nan, "val/map_large": math.nan, "val/map_medium": 0.4, "val/loss": math.nan},

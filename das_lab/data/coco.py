@@ -13,6 +13,7 @@ contiguous labels 1..K (0 is background) in the order of the file's ``categories
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -24,7 +25,6 @@ from torchvision.transforms import v2
 
 from das_lab.data.datamodule import DataModuleBase
 from das_lab.data.decode import read_rgb
-from das_lab.tasks.coco_metrics import prepare_ground_truth
 
 Target = dict[str, Any]
 
@@ -80,6 +80,30 @@ def load_annotations(path: Path, with_masks: bool) -> dict[str, Any]:
                 f"{path}: annotations[{index}]['category_id']={annotation['category_id']} is not in 'categories'"
             )
     return dataset
+
+
+def prepare_ground_truth(dataset: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a COCO annotation dict that COCOeval scores correctly.
+
+    Adds an ``info`` entry (pycocotools' ``loadRes`` copies it), ``iscrowd`` (0) and ``area``
+    (the box area) where missing, and renumbers annotation ids from 1 when any id is missing,
+    below 1 or repeated: COCOeval treats a match with annotation id 0 as no match, which silently
+    lowers AP. The copy is deep because COCOeval rewrites segmentations in place.
+    """
+    prepared = copy.deepcopy(dataset)
+    prepared.setdefault("info", {"description": "das-lab ground truth"})
+    prepared.setdefault("licenses", [])
+    annotations = prepared.setdefault("annotations", [])
+    ids = [annotation.get("id") for annotation in annotations]
+    valid_ids = all(isinstance(i, int) and i >= 1 for i in ids) and len(set(ids)) == len(ids)
+    for index, annotation in enumerate(annotations):
+        if not valid_ids:
+            annotation["id"] = index + 1
+        annotation.setdefault("iscrowd", 0)
+        if "area" not in annotation:
+            _, _, width, height = annotation["bbox"]
+            annotation["area"] = float(width * height)
+    return prepared
 
 
 def usable_for_training(annotation: dict[str, Any]) -> bool:

@@ -133,6 +133,14 @@ class DigitsDataModule(DataModuleBase):
             "crop_pct": 1.0, "interpolation": "bilinear",
         }
 
+    def eval_transform(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Any uint8 RGB image -> a model input: grayscale, resized to ``image_size``, normalised like the canvases."""
+        gray = (rgb.float() * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+        size = (self.image_size, self.image_size)
+        resized = F.interpolate(gray[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        canvas = resized.round().clamp(0, 255).to(torch.uint8)
+        return ClutteredDigits(canvas[None], torch.zeros(1, dtype=torch.long))[0][0]
+
     def _split_indices(self, labels: np.ndarray) -> dict[str, np.ndarray]:
         """Stratified split of the scans, fixed by ``seed``."""
         rng = np.random.default_rng(self.seed)

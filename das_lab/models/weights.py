@@ -18,6 +18,8 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from das_lab.errors import CheckpointError, CheckpointNotFoundError, PickledCheckpointError
+
 log = logging.getLogger(__name__)
 
 _NESTED_KEYS = ("state_dict", "model")
@@ -105,18 +107,34 @@ def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return dict(state)
 
 
+def read_torch_file(path: Union[str, Path], subject: str, hint: str) -> object:
+    """``torch.load(weights_only=True)`` of ``path``, with one message per way it fails.
+
+    ``subject`` names the file in the message ("checkpoint", "weights file"); ``hint`` says how to fix it.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        reason = "it is a folder, not a file" if path.is_dir() else "the path does not exist"
+        raise CheckpointNotFoundError(f"{subject} not found: {path} ({reason}; {hint})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise PickledCheckpointError(
+            f"{path} holds pickled Python objects besides tensors, so it is not loaded (weights_only=True); {hint}"
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(
+            f"{path} is not a readable {subject} (truncated or not written by torch.save: "
+            f"{str(error).splitlines()[0]}); {hint}"
+        ) from error
+
+
 def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
     """The network's tensors from any accepted weights file, with wrapper prefixes removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist; check model.checkpoint / init_from")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds pickled Python objects besides tensors, so it is not loaded (weights_only=True); "
-            f"if you trust it, re-save just the weights: torch.save(model.state_dict(), path)"
-        ) from err
+    obj = read_torch_file(
+        path, "weights file", "check model.checkpoint / init_from; a file you trust can be re-saved as weights "
+        "only: torch.save(model.state_dict(), path)"
+    )
     return unwrap_state_dict(obj, str(path))
 
 

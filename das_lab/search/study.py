@@ -55,6 +55,18 @@ def study_direction(direction: str) -> str:
     return DIRECTIONS[direction]
 
 
+def objective_direction(direction: str, monitor: Optional[str], monitor_mode: Optional[str]) -> str:
+    """The study's direction, which must be ``monitor_mode``'s: a job returns the best ``monitor`` judged by it."""
+    wanted = study_direction(direction)
+    if monitor_mode is not None and study_direction(str(monitor_mode)) != wanted:
+        raise SearchConfigError(
+            f"hydra.sweeper.direction={direction} but monitor_mode={monitor_mode}: each job returns its best {monitor} "
+            f"judged by monitor_mode, so the study must {study_direction(str(monitor_mode))} it; set monitor_mode "
+            f"instead of hydra.sweeper.direction (which follows it)"
+        )
+    return wanted
+
+
 def open_study(storage: Any, study_name: str, direction: str, sampler: Any, where: str) -> Any:
     """Create the study, or continue the one of that name, which must optimise in the same direction."""
     optuna = import_optuna()

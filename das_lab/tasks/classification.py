@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from das_lab.tasks.base import MetricSpec
 from das_lab.tasks.optimization import (
     OptimizerFactory,
     SchedulerFactory,
@@ -28,6 +29,12 @@ class ClassificationModule(TimmSchedulerMixin, L.LightningModule):
     cross-entropy with ``label_smoothing``. Metrics are logged as ``{stage}/loss``,
     ``{stage}/acc1`` and ``{stage}/acc5`` (fractions).
     """
+
+    metric_specs = (
+        MetricSpec("loss", "min", "value", "loss", ("train", "val", "test")),
+        MetricSpec("acc1", "max", "fraction", "top-1 accuracy", headline=True),
+        MetricSpec("acc5", "max", "fraction", "top-5 accuracy"),
+    )
 
     def __init__(
         self,

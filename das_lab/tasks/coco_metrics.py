@@ -17,36 +17,17 @@ import torch.distributed as dist
 from faster_coco_eval import COCO, COCOeval_faster
 from pycocotools import mask as mask_utils
 
+from das_lab.data.coco import prepare_ground_truth
+
 log = logging.getLogger(__name__)
 
-# The order of COCOeval.stats for the first six entries, under das-lab's metric names.
-AP_NAMES: tuple[str, ...] = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
+# The first six entries of COCOeval.stats, in order: das-lab's metric name -> the papers' column title.
+AP_TITLES: dict[str, str] = {
+    "map": "AP", "map_50": "AP50", "map_75": "AP75", "map_small": "APs", "map_medium": "APm", "map_large": "APl",
+}
+AP_NAMES: tuple[str, ...] = tuple(AP_TITLES)
 
 Detection = dict[str, Any]
-
-
-def prepare_ground_truth(dataset: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of a COCO annotation dict that COCOeval scores correctly.
-
-    Adds an ``info`` entry (pycocotools' ``loadRes`` copies it), ``iscrowd`` (0) and ``area``
-    (the box area) where missing, and renumbers annotation ids from 1 when any id is missing,
-    below 1 or repeated: COCOeval treats a match with annotation id 0 as no match, which silently
-    lowers AP. The copy is deep because COCOeval rewrites segmentations in place.
-    """
-    prepared = copy.deepcopy(dataset)
-    prepared.setdefault("info", {"description": "das-lab ground truth"})
-    prepared.setdefault("licenses", [])
-    annotations = prepared.setdefault("annotations", [])
-    ids = [annotation.get("id") for annotation in annotations]
-    valid_ids = all(isinstance(i, int) and i >= 1 for i in ids) and len(set(ids)) == len(ids)
-    for index, annotation in enumerate(annotations):
-        if not valid_ids:
-            annotation["id"] = index + 1
-        annotation.setdefault("iscrowd", 0)
-        if "area" not in annotation:
-            _, _, width, height = annotation["bbox"]
-            annotation["area"] = float(width * height)
-    return prepared
 
 
 def to_coco_results(

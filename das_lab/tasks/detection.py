@@ -25,7 +25,8 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from das_lab.models.fpn_backbone import FPNBackbone, check_backbone_contract, freeze_batch_norm, freeze_stages
 from das_lab.models.weights import LoadReport, WeightsMismatchError, load_weights
-from das_lab.tasks.coco_metrics import Detection, evaluate_coco, gather_detections, to_coco_results
+from das_lab.tasks.base import DetectionData, MetricSpec, require_data
+from das_lab.tasks.coco_metrics import AP_TITLES, Detection, evaluate_coco, gather_detections, to_coco_results
 from das_lab.tasks.optimization import (
     OptimizerFactory,
     SchedulerFactory,
@@ -37,6 +38,12 @@ from das_lab.tasks.speed import apply_speed_options
 log = logging.getLogger(__name__)
 
 DETECTORS = ("faster_rcnn", "retinanet", "mask_rcnn")
+# box AP under its COCO name; Mask R-CNN logs the mask AP as well, under mask_<name>
+METRICS = (
+    MetricSpec("loss", "min", "value", "loss", ("train",)),
+    *(MetricSpec(name, "max", "fraction", f"box {title}", headline=name == "map") for name, title in AP_TITLES.items()),
+    *(MetricSpec(f"mask_{name}", "max", "fraction", f"mask {title}") for name, title in AP_TITLES.items()),
+)
 
 
 def load_backbone_weights(net: nn.Module, path: str) -> LoadReport:
@@ -124,6 +131,8 @@ class DetectionModule(TimmSchedulerMixin, L.LightningModule):
     results file, ``<trainer.default_root_dir>/detections_<stage>.json``.
     """
 
+    metric_specs = METRICS
+
     def __init__(
         self,
         net: nn.Module,
@@ -192,13 +201,17 @@ class DetectionModule(TimmSchedulerMixin, L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
+    def _data(self) -> DetectionData:
+        """The trainer's datamodule, which must provide what detection reads (e.g. data=coco)."""
+        return require_data(self.trainer.datamodule, DetectionData, "task=detection")
+
+    def setup(self, stage: str) -> None:
+        self._data()
+
     def _category_ids(self) -> list[int]:
-        datamodule = self.trainer.datamodule
-        category_ids = getattr(datamodule, "category_ids", None)
+        category_ids = self._data().category_ids
         if not category_ids:
-            raise RuntimeError(
-                "detection evaluation needs a datamodule with category_ids and ground_truth() (data=coco)"
-            )
+            raise RuntimeError(f"{type(self.trainer.datamodule).__name__}.category_ids is empty: set up its data first")
         if len(category_ids) != self.num_classes:
             raise ValueError(
                 f"task.num_classes={self.num_classes} but the data has {len(category_ids)} categories; "
@@ -220,7 +233,7 @@ class DetectionModule(TimmSchedulerMixin, L.LightningModule):
     def _evaluate(self, stage: str) -> None:
         detections, image_ids = gather_detections(self._detections, self._image_ids)
         self._reset()
-        ground_truth = self.trainer.datamodule.ground_truth(stage)
+        ground_truth = self._data().ground_truth(stage)
         for iou_type in self.iou_types:
             prefix = f"{stage}/" if iou_type == "bbox" else f"{stage}/mask_"
             scores = evaluate_coco(ground_truth, detections, iou_type, image_ids)
@@ -232,7 +245,7 @@ class DetectionModule(TimmSchedulerMixin, L.LightningModule):
             log.info("%d detections on %d images written to %s", len(detections), len(image_ids), path)
 
     def on_fit_start(self) -> None:
-        if self.detector_name == "mask_rcnn" and not getattr(self.trainer.datamodule, "with_masks", True):
+        if self.detector_name == "mask_rcnn" and not self._data().with_masks:
             raise ValueError("task.detector=mask_rcnn trains on instance masks: set data.with_masks=true")
 
     def _reset(self) -> None:

@@ -9,15 +9,15 @@ import lightning as L
 from torch import nn
 from torch.optim import Optimizer
 
+from das_lab.tasks.base import BatchedData, require_data
+
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., Any]
 
 
 def global_batch_size(trainer: L.Trainer) -> int:
     """Images per optimizer step over all devices: world size x batch size x accumulation."""
-    datamodule = trainer.datamodule
-    if datamodule is None or not hasattr(datamodule, "batch_size"):
-        raise RuntimeError("the learning-rate scaling needs a datamodule with a batch_size attribute")
+    datamodule = require_data(trainer.datamodule, BatchedData, "task.lr_reference_batch")
     return trainer.world_size * datamodule.batch_size * trainer.accumulate_grad_batches
 
 

@@ -16,7 +16,6 @@ every prediction as a release-format PNG (uint8, class k as k + 1) in
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from pathlib import Path
@@ -32,7 +31,7 @@ from torchvision.io import write_png
 
 from das_lab.data.ade20k import rescale_size
 from das_lab.models.fpn_backbone import stage_levels
-from das_lab.tasks.base import MetricSpec
+from das_lab.tasks.base import MetricSpec, NamedClasses, require_data
 from das_lab.tasks.optimization import (
     OptimizerFactory,
     SchedulerFactory,
@@ -41,13 +40,15 @@ from das_lab.tasks.optimization import (
 )
 from das_lab.tasks.segmentation_heads import FCNHead, SemanticFPNHead, UPerHead, resize
 from das_lab.tasks.segmentation_metrics import SegmentationScores
+from das_lab.utils.tables import write_csv
 
 log = logging.getLogger(__name__)
 
 HEADS = ("upernet", "fpn")
 INFERENCE = ("whole", "slide")
 METRICS = (
-    MetricSpec("miou", "max", "fraction", "mIoU"),
+    MetricSpec("loss", "min", "value", "loss", ("train",)),
+    MetricSpec("miou", "max", "fraction", "mIoU", headline=True),
     MetricSpec("macc", "max", "fraction", "mAcc"),
     MetricSpec("aacc", "max", "fraction", "aAcc"),
 )
@@ -233,23 +234,25 @@ class SegmentationModule(TimmSchedulerMixin, L.LightningModule):
     def _log_epoch(self, stage: str) -> None:
         scores = self.scores[stage].compute()
         self.scores[stage].reset()
-        self.log_dict({spec.key(stage): scores[spec.name] for spec in self.metric_specs}, prog_bar=True)
+        evaluated = [spec for spec in self.metric_specs if stage in spec.stages]
+        self.log_dict({spec.key(stage): scores[spec.name] for spec in evaluated}, prog_bar=True)
         if self.trainer.state.fn != TrainerFn.FITTING and self.trainer.is_global_zero:
             self._write_per_class(stage, scores)
 
     def _write_per_class(self, stage: str, scores: dict[str, torch.Tensor]) -> None:
-        names = list(getattr(self.trainer.datamodule, "class_names", [])) or [str(k) for k in range(self.num_classes)]
+        datamodule = self.trainer.datamodule
+        names = list(require_data(datamodule, NamedClasses, "task=segmentation").class_names) if datamodule else []
+        names = names or [str(k) for k in range(self.num_classes)]
         if len(names) != self.num_classes:
             raise ValueError(f"task.num_classes={self.num_classes} but the data names {len(names)} classes; "
                              "set task.num_classes=${data.num_classes}")
         path = Path(self.trainer.default_root_dir) / f"per_class_{stage}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["label", "class", "iou", "acc"])
-            for index, name in enumerate(names):
-                cells = [float(scores[key][index]) for key in ("iou", "acc")]  # NaN: no pixel of the class
-                writer.writerow([index + 1, name, *("" if math.isnan(v) else f"{v:.6f}" for v in cells)])
+        ious, accs = (scores[key].tolist() for key in ("iou", "acc"))  # NaN: no pixel of the class
+        write_csv(path, ["label", "class", "iou", "acc"], (
+            [index + 1, name, *(None if math.isnan(v) else f"{v:.6f}" for v in (iou, acc))]
+            for index, (name, iou, acc) in enumerate(zip(names, ious, accs))
+        ))
         log.info("per-class IoU written to %s; predictions in %s", path, path.parent / f"predictions_{stage}")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -30,6 +30,7 @@ from das_lab.search.study import (
     fail_stale_trials,
     finish_trial,
     has_running_trials,
+    objective_direction,
     open_storage,
     open_study,
     save_location,
@@ -88,6 +89,7 @@ class OptunaSearchSweeper(Sweeper):
     def _search(self, arguments: list[str]) -> list[JobReturn]:
         import_optuna()
         check_heartbeat(self.heartbeat_interval, self.grace_period)
+        objective_direction(self.direction, self.config.get("monitor"), self.config.get("monitor_mode"))
         space = parse_space(self.params, arguments)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
