@@ -250,7 +250,7 @@ class DeformableAttention(nn.Module):
         heads, channels = self.n_heads, self.n_head_channels
         batch = q.shape[0] // heads
         q, k, v = (t.view(batch, heads, channels, -1).transpose(2, 3) for t in (q, k, v))
-        mask = None if bias is None else bias.view(batch, heads, *bias.shape[1:])
+        mask = None if bias is None else bias.view(batch, heads, *bias.shape[1:]).to(q.dtype)  # SDPA: mask dtype = query's
         dropout = self.attn_drop.p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
         return out.transpose(2, 3).reshape(batch * heads, channels, -1)
