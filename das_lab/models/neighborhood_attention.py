@@ -120,7 +120,7 @@ def na2d_flex(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel_size: 
     if q.device.type == "cpu" and records_grad(q, k, v, *([] if rpb is None else [rpb])):
         raise RuntimeError(
             f"model.attn_impl=fused cannot train on CPU: flex_attention has no CPU backward in torch {torch.__version__}; "
-            "use model.attn_impl=auto (fused kernels where torch has them) or reference"
+            "train on CPU with model.attn_impl=auto or reference (the gather kernel)"
         )
     score_mod = None if rpb is None else rpb_score_mod(rpb, width, kernel_size)
     out = _compiled_flex(
@@ -144,6 +144,7 @@ def neighborhood_attention(
     if attn_drop is not None:
         attn = attn_drop(attn)
     return na2d_aggregate_torch(attn, v, kernel_size)
+
 
 @register_notrace_module  # one FX leaf: windows depend on the map size and the kernel choice is Python
 class NeighborhoodAttention2D(nn.Module):
