@@ -43,17 +43,19 @@ def build(name: str, attn_impl: str, device: torch.device, neighborhood_impl: st
     return model
 
 
-def paths(name: str, device: torch.device, x: torch.Tensor) -> dict[str, dict[str, Callable[[], None]]]:
+def paths(name: str, device: torch.device, x: torch.Tensor, modes: list[str]) -> dict[str, dict[str, Callable[[], None]]]:
     """Per mode, the reference and fused steps (on CPU, training keeps reference neighborhood attention)."""
-    cpu = device.type == "cpu"
-    fused_train = build(name, "fused", device, "reference" if cpu else None).train()
-    fused_label = "fused (SDPA deformable; reference neighborhood: no CPU flex backward)" if cpu else "fused"
-    return {
-        "train": {"reference": backward_step(build(name, "reference", device).train(), x, "fp32"),
-                  fused_label: backward_step(fused_train, x, "fp32")},
-        "inference": {"reference": forward_step(build(name, "reference", device).eval(), x, "fp32"),
-                      "fused": forward_step(build(name, "fused", device).eval(), x, "fp32")},
-    }
+    steps = {}
+    if "train" in modes:
+        cpu = device.type == "cpu"
+        fused_train = build(name, "fused", device, "reference" if cpu else None).train()
+        fused_label = "fused (SDPA deformable; reference neighborhood: no CPU flex backward)" if cpu else "fused"
+        steps["train"] = {"reference": backward_step(build(name, "reference", device).train(), x, "fp32"),
+                          fused_label: backward_step(fused_train, x, "fp32")}
+    if "inference" in modes:
+        steps["inference"] = {"reference": forward_step(build(name, "reference", device).eval(), x, "fp32"),
+                              "fused": forward_step(build(name, "fused", device).eval(), x, "fp32")}
+    return steps
 
 
 def measure(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int) -> dict[str, Any]:
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["train", "inference"], choices=["train", "inference"])
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -85,8 +88,9 @@ def main() -> None:
     results: dict[str, Any] = {"model": args.model, "batch": args.batch, "size": args.size, "device": str(device),
                                "torch": torch.__version__, "threads": torch.get_num_threads()}
     rows = []
-    for mode, steps in paths(args.model, device, x).items():
+    for mode, steps in paths(args.model, device, x, args.modes).items():
         results[mode] = measure(steps, device, args.warmup, args.repeats)
+        print(f"  {mode}: {json.dumps(results[mode])}", flush=True)
         reference = results[mode]["reference"]
         for label, figures in results[mode].items():
             rows.append([mode, label, figures["median_s"], figures["median_s"] / reference["median_s"], figures["peak_mib"],

@@ -31,7 +31,14 @@ from das_lab.models.attention_impl import check_attn_impl, records_grad, use_fus
 
 _ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 _MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-_compiled_flex = torch.compile(flex_attention)
+
+
+@functools.cache
+def compiled_flex(device_type: str) -> Callable[..., Tensor]:
+    """flex_attention compiled for ``device_type``: shape-specialised on CPU, whose code generation
+    fails for dynamic shapes in torch 2.14; automatic dynamic shapes elsewhere, so that new batch
+    sizes do not exhaust dynamo's recompile limit (past it flex_attention runs densely)."""
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
 def neighborhood_indices(length: int, kernel_size: int, device: torch.device | None = None) -> Tensor:
@@ -123,7 +130,7 @@ def na2d_flex(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel_size: 
             "train on CPU with model.attn_impl=auto or reference (the gather kernel)"
         )
     score_mod = None if rpb is None else rpb_score_mod(rpb, width, kernel_size)
-    out = _compiled_flex(
+    out = compiled_flex(q.device.type)(
         q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), score_mod=score_mod,
         block_mask=window_block_mask(height, width, kernel_size, q.device), scale=1.0,
     )
