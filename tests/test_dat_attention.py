@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import timm
@@ -130,6 +131,16 @@ def test_compiled_flex_block_and_whole_model_equal_reference_in_inference():
     with torch.no_grad():
         assert max_diff(reference(image), fused(image)) <= TOL
         assert max_diff(reference.forward_features(image), fused.forward_features(image)) <= TOL
+
+
+def test_fused_neighborhood_attention_inside_a_compiled_model():
+    """task.compile traces flex_attention into the model's graph (aot_eager: no code generation in the test)."""
+    torch.manual_seed(0)
+    reference, fused = twins(na.NeighborhoodAttention2D(8, 7, 1).eval())
+    x = torch.randn(1, 8, 8, 16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. dynamo tracing through a cache wrapper
+        assert max_diff(reference(x), torch.compile(fused, backend="aot_eager")(x)) <= TOL
 
 
 def test_whole_dat_training_step_equal_under_both_paths():

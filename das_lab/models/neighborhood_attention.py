@@ -130,10 +130,13 @@ def na2d_flex(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel_size: 
             "train on CPU with model.attn_impl=auto or reference (the gather kernel)"
         )
     score_mod = None if rpb is None else rpb_score_mod(rpb, width, kernel_size)
-    out = compiled_flex(q.device.type)(
-        q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), score_mod=score_mod,
-        block_mask=window_block_mask(height, width, kernel_size, q.device), scale=1.0,
-    )
+    if torch.compiler.is_compiling():  # inside a compiled model (task.compile): traced into its graph, no caches
+        attend = flex_attention
+        block_mask = create_block_mask(window_mask_mod(height, width, kernel_size), None, None, height * width,
+                                       height * width, device=q.device)
+    else:
+        attend, block_mask = compiled_flex(q.device.type), window_block_mask(height, width, kernel_size, q.device)
+    out = attend(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), score_mod=score_mod, block_mask=block_mask, scale=1.0)
     return out.unflatten(2, (height, width))
 
 
