@@ -6,7 +6,9 @@ Usage: python benchmarks/gpu_check.py [--device auto|cuda|cpu] [--quick] [--prec
 Four checks, each in one process except the last, each timed after warm-up:
 1. train step of DAS-ResNet-50 against the same ResNet-50 without gates (bf16 autocast on GPUs,
    channels-last, batch 128 at 224; models timed in turn): the ratio's goal is <= 1.15;
-2. DAT-T++ training img/s and peak memory, reference path and ``torch.compile``d (as ``task.compile``);
+2. DAT-T++ training img/s and peak memory: reference attention kernels, fused kernels (SDPA and
+   flex_attention, ``model.attn_impl=fused``; not on CPU, where torch has no flex_attention backward)
+   and ``torch.compile``d with the default kernels (as ``task.compile``);
 3. das-lab's Lightning loop (``ClassificationModule`` + ``lightning.Trainer``) against a plain PyTorch
    loop with the same network, optimizer, loss, precision and in-memory batches: the time ratio's
    goal is <= 1.05 (rounds alternate between the two loops);
@@ -102,14 +104,22 @@ def check_train_step_ratio(device: torch.device, sizes: Sizes, precision: str) -
 # ----------------------------------------------------------------------------- 2. DAT-T++ paths
 
 
+# path -> (model.attn_impl, task.compile)
+DAT_PATHS = {"reference": ("reference", False), "fused": ("fused", False), "compiled": ("auto", True)}
+NO_CPU_FUSED_TRAINING = "n/a on CPU: torch has no flex_attention backward there (benchmarks/dat_attention.py)"
+
+
 def check_dat_paths(device: torch.device, sizes: Sizes, precision: str, compile_backend: str) -> dict[str, Any]:
-    """Training img/s and peak memory of DAT++ on its reference path and compiled."""
+    """Training img/s and peak memory of DAT++ on its reference kernels, fused kernels, and compiled (auto kernels)."""
     results: dict[str, Any] = {"model": sizes.dat_model, "batch": sizes.dat_batch, "image": sizes.dat_image,
                                "precision": precision, "compile_backend": compile_backend}
-    for path, compiled in (("reference", False), ("compiled", True)):
+    for path, (attn_impl, compiled) in DAT_PATHS.items():
+        if attn_impl == "fused" and device.type == "cpu":
+            results[path] = {"skipped": NO_CPU_FUSED_TRAINING}
+            continue
         torch.manual_seed(0)
         step = train_step(sizes.dat_model, sizes.dat_batch, sizes.dat_image, device, precision, False, compiled,
-                          compile_backend)
+                          compile_backend, model_args={"attn_impl": attn_impl})
         start = time.perf_counter()
         step()  # the first step compiles
         synchronize(device)
@@ -295,7 +305,11 @@ def table(results: dict[str, Any]) -> str:
         ["DAS-ResNet-50 / ResNet-50 train step", f"{ratio['das_resnet50_ms']:.1f} / {ratio['resnet50_ms']:.1f} ms",
          ratio["ratio"], "<= 1.15"],
     ]
-    for path, label in (("reference", "reference"), ("compiled", f"compiled ({dat['compile_backend']})")):
+    for path, label in (("reference", "reference kernels"), ("fused", "fused kernels"),
+                        ("compiled", f"compiled, auto kernels ({dat['compile_backend']})")):
+        if "skipped" in dat[path]:
+            rows.append([f"{dat['model']} train, {label}", dat[path]["skipped"], None, "x reference"])
+            continue
         rows.append([f"{dat['model']} train, {label}", f"{dat[path]['img_s']:.1f} img/s, peak {dat[path]['peak_mib']:.0f} MiB",
                      dat[path]["img_s"] / dat["reference"]["img_s"], "x reference"])
     rows.append(["Lightning loop / plain loop", f"{loop['lightning_ms_per_step']:.1f} / {loop['plain_ms_per_step']:.1f} ms",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import timm
 import torch
@@ -28,13 +28,13 @@ from das_lab.tasks.speed import apply_speed_options
 
 def train_step(
     name: str, batch: int, size: int, device: torch.device, precision: str, channels_last: bool,
-    compile: bool = False, compile_backend: str = "inductor",
+    compile: bool = False, compile_backend: str = "inductor", model_args: dict[str, Any] | None = None,
 ) -> Callable[[], None]:
-    """One full optimisation step of ``name`` (1000 classes) on fixed random data.
+    """One full optimisation step of ``name`` (1000 classes, constructor ``model_args``) on fixed random data.
 
     ``channels_last`` and ``compile`` are applied as ``task.channels_last`` / ``task.compile`` apply them.
     """
-    model = timm.create_model(name, num_classes=1000).to(device).train()
+    model = timm.create_model(name, num_classes=1000, **(model_args or {})).to(device).train()
     apply_speed_options(model, compile, channels_last, compile_backend)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = example_input((batch, 3, size, size), device, channels_last)

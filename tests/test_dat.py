@@ -128,7 +128,7 @@ def test_dat_tiny_gflops_match_official_measurement():
 # ---------------------------------------------------------------- neighborhood attention
 
 def brute_force_na(q, k, v, rpb, kernel):
-    """Global attention over all positions, masked to each query's NATTEN neighborhood, with its bias."""
+    """Global attention over all positions, masked to each query's neighborhood (NATTEN's definition), with its bias."""
     b, n, hgt, wid, d = q.shape
     half = kernel // 2
     logits = torch.full((b, n, hgt, wid, hgt, wid), float("-inf"), dtype=q.dtype)
@@ -150,7 +150,7 @@ def test_torch_neighborhood_attention_equals_masked_global_attention(size, kerne
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, *size, 4, generator=gen, dtype=torch.float64) for _ in range(3))
     rpb = torch.randn(3, 2 * kernel - 1, 2 * kernel - 1, generator=gen, dtype=torch.float64)
-    out = na.neighborhood_attention(q, k, v, rpb, kernel, use_natten=False)
+    out = na.neighborhood_attention(q, k, v, rpb, kernel)
     torch.testing.assert_close(out, brute_force_na(q, k, v, rpb, kernel))
 
 
@@ -162,29 +162,6 @@ def test_neighborhood_attention_module_equals_reference():
     ref = brute_force_na(qkv[0] * 4 ** -0.5, qkv[1], qkv[2], module.rpb.detach(), 7)
     ref = module.proj(ref.permute(0, 2, 3, 1, 4).reshape(1, 9, 8, 8)).permute(0, 3, 1, 2)
     torch.testing.assert_close(module(x), ref)
-
-
-def test_natten_agrees_with_torch_where_installed():
-    pytest.importorskip("natten", reason="NATTEN not installed: the PyTorch path is the one in use")
-    if not na.natten_available():
-        pytest.skip("the installed NATTEN has no relative-position-bias API (0.20+): the PyTorch path is used")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert na.natten_works(device)
-    gen = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, 4, 14, 11, 16, generator=gen).to(device) for _ in range(3))
-    rpb = torch.randn(4, 13, 13, generator=gen).to(device)
-    torch.testing.assert_close(
-        na.neighborhood_attention(q, k, v, rpb, 7, use_natten=True),
-        na.neighborhood_attention(q, k, v, rpb, 7, use_natten=False), atol=1e-4, rtol=1e-4,
-    )
-
-
-def test_forcing_natten_without_it_names_the_fix():
-    if na.natten_available():
-        pytest.skip("NATTEN with rpb support is installed here")
-    x = torch.zeros(1, 1, 8, 8, 4)
-    with pytest.raises(RuntimeError, match="use_natten=None"):
-        na.neighborhood_attention(x, x, x, None, 7, use_natten=True)
 
 
 # ---------------------------------------------------------------- model behaviour

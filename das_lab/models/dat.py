@@ -37,6 +37,7 @@ from timm.models import generate_default_cfgs, register_model, register_notrace_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from das_lab.models.attention_impl import check_attn_impl, use_fused
 from das_lab.models.builder import FeatureLevels, create_variant
 from das_lab.models.neighborhood_attention import NeighborhoodAttention2D
 from das_lab.models.weights import fill_fresh, unwrap_state_dict
@@ -132,9 +133,10 @@ class DeformableAttention(nn.Module):
     def __init__(
         self, fmap_size: tuple[int, int], n_heads: int, n_head_channels: int, n_groups: int, attn_drop: float,
         proj_drop: float, stride: int, offset_range_factor: float, use_pe: bool, dwc_pe: bool, no_off: bool,
-        fixed_pe: bool, ksize: int, log_cpb: bool,
+        fixed_pe: bool, ksize: int, log_cpb: bool, attn_impl: str = "auto",
     ) -> None:
         super().__init__()
+        self.attn_impl = check_attn_impl(attn_impl)
         self.n_heads, self.n_head_channels, self.n_groups = n_heads, n_head_channels, n_groups
         self.nc = n_heads * n_head_channels
         if n_heads % n_groups:
@@ -235,6 +237,24 @@ class DeformableAttention(nn.Module):
         bias = F.grid_sample(table, (displacement * 0.5).flip(-1), mode="bilinear", align_corners=True)
         return bias.reshape(batch * self.n_heads, height * width, n_sample)
 
+    def _attend_reference(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        """Softmax attention (B*heads, C/heads, HW) of q (B*heads, C/heads, HW) over k, v (B*heads, C/heads, Ns), as the official code."""
+        attn = torch.einsum("bcm,bcn->bmn", q, k) * self.scale
+        if bias is not None:
+            attn = attn + bias
+        attn = self.attn_drop(attn.softmax(dim=2))
+        return torch.einsum("bmn,bcn->bcm", attn, v)
+
+    def _attend_fused(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        """:meth:`_attend_reference` by ``scaled_dot_product_attention``, the bias as its additive float mask."""
+        heads, channels = self.n_heads, self.n_head_channels
+        batch = q.shape[0] // heads
+        q, k, v = (t.view(batch, heads, channels, -1).transpose(2, 3) for t in (q, k, v))
+        mask = None if bias is None else bias.view(batch, heads, *bias.shape[1:]).to(q.dtype)  # SDPA: mask dtype = query's
+        dropout = self.attn_drop.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+        return out.transpose(2, 3).reshape(batch * heads, channels, -1)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, C, H, W) -> output (B, C, H, W), sampling positions and reference points (B, groups, Hk, Wk, 2)."""
         batch, channels, height, width = x.shape
@@ -246,12 +266,12 @@ class DeformableAttention(nn.Module):
         q_heads = q.reshape(batch * self.n_heads, self.n_head_channels, height * width)
         k = self.proj_k(sampled).reshape(batch * self.n_heads, self.n_head_channels, n_sample)
         v = self.proj_v(sampled).reshape(batch * self.n_heads, self.n_head_channels, n_sample)
-        attn = torch.einsum("bcm,bcn->bmn", q_heads, k) * self.scale
         use_table = self.rpe_table is not None and not self.dwc_pe
-        if use_table:
-            attn = attn + self._position_bias(height, width, pos, x.dtype)
-        attn = self.attn_drop(attn.softmax(dim=2))
-        out = torch.einsum("bmn,bcn->bcm", attn, v)
+        bias = self._position_bias(height, width, pos, x.dtype) if use_table else None
+        if use_fused(self.attn_impl, x.device, dropout_active=False):
+            out = self._attend_fused(q_heads, k, v, bias)
+        else:
+            out = self._attend_reference(q_heads, k, v, bias)
         if self.rpe_table is not None and self.dwc_pe:
             out = out + self.rpe_table(q).reshape(batch * self.n_heads, self.n_head_channels, height * width)
         y = self.proj_drop(self.proj_out(out.reshape(batch, channels, height, width)))
@@ -266,7 +286,7 @@ class DATStage(nn.Module):
         self, fmap_size: tuple[int, int], dim_in: int, dim: int, stage_spec: Sequence[str], heads: int, groups: int,
         stride: int, offset_range_factor: float, use_pe: bool, dwc_pe: bool, no_off: bool, fixed_pe: bool,
         log_cpb: bool, ksize: int, nat_ksize: int, use_dwc_mlp: bool, use_lpu: bool, layer_scale_value: float,
-        expansion: int, drop: float, attn_drop: float, drop_path: Sequence[float],
+        expansion: int, drop: float, attn_drop: float, drop_path: Sequence[float], attn_impl: str,
     ) -> None:
         super().__init__()
         depth = len(stage_spec)
@@ -285,11 +305,11 @@ class DATStage(nn.Module):
         self.attns = nn.ModuleList()
         for kind in self.stage_spec:
             if kind == "N":
-                self.attns.append(NeighborhoodAttention2D(dim, nat_ksize, heads, attn_drop, drop))
+                self.attns.append(NeighborhoodAttention2D(dim, nat_ksize, heads, attn_drop, drop, attn_impl))
             else:
                 self.attns.append(DeformableAttention(
                     fmap_size, heads, dim // heads, groups, attn_drop, drop, stride, offset_range_factor,
-                    use_pe, dwc_pe, no_off, fixed_pe, ksize, log_cpb,
+                    use_pe, dwc_pe, no_off, fixed_pe, ksize, log_cpb, attn_impl,
                 ))
         self.drop_path = nn.ModuleList(DropPath(p) if p > 0 else nn.Identity() for p in drop_path)
 
@@ -340,6 +360,8 @@ class DAT(FeatureLevels, nn.Module):
     ``heads``, ``stage_spec``, ``groups`` and ``dim_stem`` have no default: they are what a variant is.
     ``out_norms`` adds the official detection backbone's LayerNorm on every stage output
     (``norms.<i>``), applied to what ``forward_intermediates``/``features_only`` return.
+    ``attn_impl`` picks the attention kernels (auto | reference | fused, see attention_impl.py);
+    it changes no parameter.
     """
 
     def __init__(
@@ -373,8 +395,10 @@ class DAT(FeatureLevels, nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         out_norms: bool = False,
+        attn_impl: str = "auto",
     ) -> None:
         super().__init__()
+        check_attn_impl(attn_impl)
         dims, depths, heads = _per_stage("dims", dims), _per_stage("depths", depths), _per_stage("heads", heads)
         stage_spec = [[str(kind) for kind in spec] for spec in _per_stage("stage_spec", stage_spec)]
         per_stage = {
@@ -419,7 +443,7 @@ class DAT(FeatureLevels, nn.Module):
                 (fmap, fmap), dim_stem if i == 0 else dims[i], dims[i], stage_spec[i], heads[i], s["groups"],
                 s["strides"], s["offset_range_factor"], s["use_pes"], s["dwc_pes"], s["no_offs"], s["fixed_pes"],
                 s["log_cpb"], s["ksizes"], s["nat_ksizes"], s["use_dwc_mlps"], s["use_lpus"], s["layer_scale_values"],
-                expansion, drop_rate, attn_drop_rate, drop_path[sum(depths[:i]):sum(depths[:i + 1])],
+                expansion, drop_rate, attn_drop_rate, drop_path[sum(depths[:i]):sum(depths[:i + 1])], attn_impl,
             ))
             fmap //= 2
         kernel, padding = (3, 1) if use_conv_patches else (2, 0)

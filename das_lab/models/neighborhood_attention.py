@@ -1,14 +1,14 @@
-"""Neighborhood attention (NAT), the local block of DAT++, in pure PyTorch with NATTEN dispatch.
+"""Neighborhood attention (NAT), the local block of DAT++: a gather reference and a flex_attention kernel.
 
 Every query at (i, j) attends to a ``kernel_size x kernel_size`` window of keys centred on it;
 near the borders the window is shifted inwards so that it keeps its full size (NATTEN's
 definition). A learned relative position bias ``rpb`` of shape (heads, 2k-1, 2k-1) is added,
 indexed by the key-minus-query displacement.
 
-NATTEN's kernels are used when the package imports, supports relative position bias, passes
-a one-off numerical self-check against the PyTorch path on the tensor's device type, and the
-feature map is at least as large as the window. Otherwise the PyTorch path runs; its results
-are identical up to float rounding.
+Two kernels compute the same function (``model.attn_impl``, see attention_impl.py):
+- reference: gathers every query's window of keys and values (memory ~k*k times the map per head);
+- fused: ``flex_attention`` compiled, with the window as a block mask and the bias as a
+  ``score_mod``; it never materialises windows. torch 2.14 runs it on CPU for inference only.
 
 Feature maps smaller than the window: the window is clamped to the map along that axis, so
 every query attends to the whole map (the limit of the neighborhood definition when the map
@@ -19,17 +19,26 @@ maps smaller than 7 (inputs below 112 pixels for stage 3), never at ImageNet or 
 
 from __future__ import annotations
 
-import logging
+import functools
 from typing import Callable
 
 import torch
 from timm.models import register_notrace_module
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-log = logging.getLogger(__name__)
+from das_lab.models.attention_impl import check_attn_impl, records_grad, use_fused
 
-_NattenOps = tuple[Callable[..., Tensor], Callable[..., Tensor]]
-_natten_ok: dict[str, bool] = {}
+_ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+_MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+@functools.cache
+def compiled_flex(device_type: str) -> Callable[..., Tensor]:
+    """flex_attention compiled for ``device_type``: shape-specialised on CPU, whose code generation
+    fails for dynamic shapes in torch 2.14; automatic dynamic shapes elsewhere, so that new batch
+    sizes do not exhaust dynamo's recompile limit (past it flex_attention runs densely)."""
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
 def neighborhood_indices(length: int, kernel_size: int, device: torch.device | None = None) -> Tensor:
@@ -79,81 +88,84 @@ def na2d_aggregate_torch(attn: Tensor, v: Tensor, kernel_size: int) -> Tensor:
     return torch.einsum("bnhwij,bnhwijd->bnhwd", attn, _gather(v, rows, cols))
 
 
-def _import_natten() -> _NattenOps | None:
-    """NATTEN's (qk with bias, av) functions in whichever of its APIs is installed, or None."""
-    try:
-        from natten.functional import na2d_av, na2d_qk  # NATTEN 0.15 - 0.17
-    except ImportError:
-        try:
-            from natten.functional import natten2dav, natten2dqkrpb  # NATTEN <= 0.14
-        except ImportError:
-            return None
-        return (lambda q, k, rpb, ks: natten2dqkrpb(q, k, rpb, ks, 1), lambda a, v, ks: natten2dav(a, v, ks, 1))
-    return (lambda q, k, rpb, ks: na2d_qk(q, k, ks, 1, rpb=rpb), lambda a, v, ks: na2d_av(a, v, ks, 1))
+def window_mask_mod(height: int, width: int, kernel_size: int) -> _MaskMod:
+    """flex_attention ``mask_mod`` of the clamped windows of a row-major (height, width) map."""
+    win_h, win_w = min(kernel_size, height), min(kernel_size, width)
+
+    def mask_mod(batch: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        top = (q_idx // width - kernel_size // 2).clamp(0, height - win_h)
+        left = (q_idx % width - kernel_size // 2).clamp(0, width - win_w)
+        row, col = kv_idx // width, kv_idx % width
+        return (row >= top) & (row < top + win_h) & (col >= left) & (col < left + win_w)
+
+    return mask_mod
 
 
-_NATTEN = _import_natten()
+def rpb_score_mod(rpb: Tensor, width: int, kernel_size: int) -> _ScoreMod:
+    """flex_attention ``score_mod`` adding ``rpb[head, dy + k - 1, dx + k - 1]`` (dy, dx: key minus query)."""
+    last = 2 * kernel_size - 2
+
+    def score_mod(score: Tensor, batch: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        # outside the window the indices leave the table; those scores are masked, the clamp keeps reads in bounds
+        dy = (kv_idx // width - q_idx // width + kernel_size - 1).clamp(0, last)
+        dx = (kv_idx % width - q_idx % width + kernel_size - 1).clamp(0, last)
+        return score + rpb[head, dy, dx]
+
+    return score_mod
 
 
-def natten_available() -> bool:
-    """Whether a NATTEN version with relative-position-bias support is importable."""
-    return _NATTEN is not None
+@functools.lru_cache(maxsize=32)
+def window_block_mask(height: int, width: int, kernel_size: int, device: torch.device) -> BlockMask:
+    """The block-sparse layout of the windows, built once per map size (it does not depend on the batch)."""
+    length = height * width
+    return create_block_mask(window_mask_mod(height, width, kernel_size), None, None, length, length, device=device)
 
 
-def natten_works(device: torch.device) -> bool:
-    """One-off check that NATTEN runs on ``device`` and agrees with the PyTorch path."""
-    if _NATTEN is None:
-        return False
-    if device.type not in _natten_ok:
-        gen = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, 2, 9, 10, 8, generator=gen).to(device) for _ in range(3))
-        rpb = torch.randn(2, 13, 13, generator=gen).to(device)
-        try:
-            with torch.no_grad():
-                attn = _NATTEN[0](q, k, rpb, 7).softmax(-1)
-                out = _NATTEN[1](attn, v, 7)
-            ref = na2d_aggregate_torch(na2d_logits_torch(q, k, rpb, 7).softmax(-1), v, 7)
-            ok = out.shape == ref.shape and torch.allclose(out.float(), ref.float(), atol=1e-4)
-        except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
-            log.warning("NATTEN is installed but failed on %s (%s); using pure-PyTorch neighborhood attention", device, err)
-            ok = False
-        if not ok:
-            log.warning("NATTEN disagrees with the PyTorch reference on %s; using pure-PyTorch neighborhood attention", device)
-        _natten_ok[device.type] = ok
-    return _natten_ok[device.type]
+def na2d_flex(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel_size: int) -> Tensor:
+    """Neighborhood attention of pre-scaled ``q`` over ``k``/``v`` (all (B, heads, H, W, D)) by compiled flex_attention."""
+    height, width = q.shape[2:4]
+    if q.device.type == "cpu" and records_grad(q, k, v, *([] if rpb is None else [rpb])):
+        raise RuntimeError(
+            f"model.attn_impl=fused cannot train on CPU: flex_attention has no CPU backward in torch {torch.__version__}; "
+            "train on CPU with model.attn_impl=auto or reference (the gather kernel)"
+        )
+    score_mod = None if rpb is None else rpb_score_mod(rpb, width, kernel_size)
+    if torch.compiler.is_compiling():  # inside a compiled model (task.compile): traced into its graph, no caches
+        attend = flex_attention
+        block_mask = create_block_mask(window_mask_mod(height, width, kernel_size), None, None, height * width,
+                                       height * width, device=q.device)
+    else:
+        attend, block_mask = compiled_flex(q.device.type), window_block_mask(height, width, kernel_size, q.device)
+    out = attend(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), score_mod=score_mod, block_mask=block_mask, scale=1.0)
+    return out.unflatten(2, (height, width))
 
 
 def neighborhood_attention(
     q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel_size: int,
-    attn_drop: Callable[[Tensor], Tensor] | None = None, use_natten: bool | None = None,
+    attn_drop: Callable[[Tensor], Tensor] | None = None, fused: bool = False,
 ) -> Tensor:
     """Neighborhood attention of pre-scaled ``q`` over ``k``/``v`` (all (B, heads, H, W, D)).
 
-    ``use_natten=None`` picks NATTEN where it works and the map is at least the window size;
-    True forces it (errors if it cannot run), False forces the PyTorch path.
+    ``fused`` runs :func:`na2d_flex` (which has no attention dropout), else the gather reference.
     """
-    height, width = q.shape[2:4]
-    fits = height >= kernel_size and width >= kernel_size
-    if use_natten is None:
-        use_natten = fits and natten_works(q.device)
-    elif use_natten and not (_NATTEN is not None and fits):
-        raise RuntimeError(
-            f"use_natten=True needs NATTEN with rpb support installed (available: {natten_available()}) and a map "
-            f"of at least {kernel_size}x{kernel_size} (got {height}x{width}); pass use_natten=None to fall back"
-        )
-    qk, av = (_NATTEN if use_natten else (na2d_logits_torch, na2d_aggregate_torch))
-    attn = qk(q, k, rpb, kernel_size).softmax(dim=-1)
+    if fused:
+        return na2d_flex(q, k, v, rpb, kernel_size)
+    attn = na2d_logits_torch(q, k, rpb, kernel_size).softmax(dim=-1)
     if attn_drop is not None:
         attn = attn_drop(attn)
-    return av(attn, v, kernel_size)
+    return na2d_aggregate_torch(attn, v, kernel_size)
 
 
-@register_notrace_module  # one FX leaf: windows depend on the map size and NATTEN dispatch is Python
+@register_notrace_module  # one FX leaf: windows depend on the map size and the kernel choice is Python
 class NeighborhoodAttention2D(nn.Module):
     """DAT++'s 'N' block attention on (B, C, H, W) maps; parameter names match the official code."""
 
-    def __init__(self, dim: int, kernel_size: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, kernel_size: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
+        attn_impl: str = "auto",
+    ) -> None:
         super().__init__()
+        self.attn_impl = check_attn_impl(attn_impl)
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"nat_ksizes entry {kernel_size} is invalid; neighborhood windows must be odd and >= 3")
         if dim % num_heads:
@@ -174,10 +186,12 @@ class NeighborhoodAttention2D(nn.Module):
         batch, channels, height, width = x.shape
         qkv = self.qkv(x.permute(0, 2, 3, 1)).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5)
-        out = neighborhood_attention(q * self.scale, k, v, self.rpb, self.kernel_size, self.attn_drop)
+        dropout = self.training and self.attn_drop.p > 0
+        fused = use_fused(self.attn_impl, x.device, dropout)
+        out = neighborhood_attention(q * self.scale, k, v, self.rpb, self.kernel_size, self.attn_drop, fused)
         out = out.permute(0, 2, 3, 1, 4).reshape(batch, height, width, channels)
         return self.proj_drop(self.proj(out)).permute(0, 3, 1, 2)
 
 
-__all__ = ["NeighborhoodAttention2D", "neighborhood_attention", "neighborhood_indices", "natten_available", "natten_works",
-           "na2d_logits_torch", "na2d_aggregate_torch"]
+__all__ = ["NeighborhoodAttention2D", "neighborhood_attention", "neighborhood_indices", "na2d_logits_torch",
+           "na2d_aggregate_torch", "na2d_flex", "rpb_score_mod", "window_block_mask", "window_mask_mod"]
