@@ -78,7 +78,7 @@ def test_detection_writes_coco_json_with_category_names_and_draws_boxes(detector
     inputs = _inputs(tmp_path / "photos", sorted(val_images.glob("*.jpg"))[:3])
     out, boxes = tmp_path / "dets.json", tmp_path / "boxes"
     args = [f"ckpt_path={ckpt}", f"inputs={inputs}", f"out={out}", f"boxes_dir={boxes}", "box_threshold=0.0",
-            "batch_size=2", f"hydra.run.dir={tmp_path / 'run'}"]
+            "batch_size=2", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
     assert predict_main(args) == 0
     captured = capsys.readouterr()
     assert f"3 image(s) labelled: {out}" in captured.out
@@ -121,7 +121,8 @@ def test_segmentation_writes_release_format_label_pngs_at_each_images_size(segme
     assert read_checkpoint(ckpt)[CLASSES_KEY] == {"names": CLASS_NAMES}
     inputs = _inputs(tmp_path / "photos", sorted(val_images.glob("*.jpg")))
     out = tmp_path / "labels"
-    assert predict_main([f"ckpt_path={ckpt}", f"inputs={inputs}", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}"]) == 0
+    args = [f"ckpt_path={ckpt}", f"inputs={inputs}", f"out={out}", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert predict_main(args) == 0
     captured = capsys.readouterr()
     assert f"3 image(s) labelled: {out}" in captured.out and str(inputs / "broken.jpg") in captured.err
 
