@@ -215,7 +215,7 @@ def wrap(task: Callable[[DictConfig, Run], Outcome], command: str) -> Callable[[
                 run.record.write_environment()
             outcome = task(cfg, run)
         except BaseException as error:
-            close_loggers(run.loggers, failed=True)
+            close_loggers(run.loggers, failed=True, best=run.measured())
             signum = interrupting_signal(error)
             if signum is not None:
                 raise Stop(_interrupted(run, command, signum, writer)) from error
@@ -232,7 +232,7 @@ def wrap(task: Callable[[DictConfig, Run], Outcome], command: str) -> Callable[[
         if writer:
             run.record.completed(outcome.final, outcome.best, outcome.ckpt_best)
             log.info("run folder: %s", run.dir)
-        close_loggers(run.loggers, failed=False)
+        close_loggers(run.loggers, failed=False, best=outcome.best)
         return outcome.objective
 
     job.__module__ = task.__module__

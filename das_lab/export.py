@@ -15,8 +15,9 @@ from torch import nn
 
 from das_lab.command import Outcome, Run, run_command
 from das_lab.errors import ConfigError
+from das_lab.hub import check_repo_id, push_folder
 from das_lab.model_card import model_card
-from das_lab.pipeline import restore_checkpoint
+from das_lab.pipeline import Restored, restore_checkpoint
 from das_lab.tasks.base import ImageInputs, require_data
 
 log = logging.getLogger(__name__)
@@ -42,17 +43,17 @@ def empty_out_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def load_classifier(ckpt_path: str) -> tuple[nn.Module, ImageInputs, DictConfig]:
-    """The backbone of a das-lab classification checkpoint (eval mode), its datamodule and data config."""
+def load_classifier(ckpt_path: str) -> tuple[nn.Module, ImageInputs, Restored]:
+    """The backbone of a das-lab classification checkpoint (eval mode), its datamodule and what restored it."""
     from das_lab.tasks.classification import ClassificationModule
 
     restored = restore_checkpoint(ckpt_path)
     if not isinstance(restored.module, ClassificationModule):
         raise ConfigError(
-            f"{ckpt_path} holds a {type(restored.module).__name__}; das-lab export and predict take classification models"
+            f"{ckpt_path} holds a {type(restored.module).__name__}; das-lab export takes classification models"
         )
-    datamodule = require_data(instantiate(restored.data), ImageInputs, "das-lab export and predict")
-    return restored.net.eval(), datamodule, restored.data
+    datamodule = require_data(instantiate(restored.data), ImageInputs, "das-lab export")
+    return restored.net.eval(), datamodule, restored
 
 
 def sample_batch(input_size: Sequence[int], batch: int, seed: int = 0) -> torch.Tensor:
@@ -60,17 +61,14 @@ def sample_batch(input_size: Sequence[int], batch: int, seed: int = 0) -> torch.
     return torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
 
 
-def write_timm_folder(net: nn.Module, datamodule: Any, out_dir: Path) -> dict[str, Any]:
+def write_timm_folder(net: nn.Module, datamodule: Any, label_names: list[str], out_dir: Path) -> dict[str, Any]:
     """model.safetensors + config.json in timm's hub format; returns the pretrained_cfg written."""
     from timm.models import save_for_hf
 
-    labels = {"label_names": list(datamodule.class_names)} if datamodule.class_names else {}
-    if not labels:
-        log.warning("label names unknown until the dataset is read: config.json lists none")
     # the config's lists arrive as OmegaConf containers: config.json needs plain values
     model_args = {key: OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
                   for key, value in getattr(net, "_model_args", {}).items()}
-    save_for_hf(net, str(out_dir), model_config=labels, model_args=model_args,
+    save_for_hf(net, str(out_dir), model_config={"label_names": label_names}, model_args=model_args,
                 data_config=datamodule.eval_data_config(), safe_serialization=True)
     return json.loads((out_dir / "config.json").read_text())["pretrained_cfg"]
 
@@ -117,6 +115,11 @@ def export(cfg: DictConfig, run: Run) -> Outcome:
     """Write ``cfg.ckpt_path`` as ``cfg.format`` into ``cfg.out``; returns the max |diff| of the check."""
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format}: unknown export format; choose from {', '.join(FORMATS)}")
+    if cfg.push_to_hub:
+        if cfg.format != "timm":
+            raise ConfigError(f"push_to_hub uploads timm folders; drop push_to_hub or export with format=timm "
+                              f"(not format={cfg.format})")
+        check_repo_id(cfg.push_to_hub)
     if cfg.format == "onnx":
         try:
             import onnxruntime  # noqa: F401
@@ -126,17 +129,19 @@ def export(cfg: DictConfig, run: Run) -> Outcome:
                 f"format=onnx needs the export extra ({error.name} missing): pip install 'das-lab[export]'"
             ) from error
     out_dir = check_out_dir(cfg.out, cfg.overwrite)
-    net, datamodule, data_cfg = load_classifier(cfg.ckpt_path)
+    net, datamodule, restored = load_classifier(cfg.ckpt_path)
     run.start()
     empty_out_dir(out_dir)
     input_size = datamodule.eval_data_config()["input_size"]
     if cfg.format == "timm":
-        pretrained_cfg = write_timm_folder(net, datamodule, out_dir)
+        pretrained_cfg = write_timm_folder(net, datamodule, restored.class_names(net.num_classes), out_dir)
         card = model_card(out_dir, net.pretrained_cfg["architecture"], pretrained_cfg,
-                          OmegaConf.to_container(data_cfg, resolve=True), cfg.ckpt_path)
+                          OmegaConf.to_container(restored.data, resolve=True), cfg.ckpt_path)
         (out_dir / "README.md").write_text(card)
         diff = check_timm_folder(net, out_dir, sample_batch(input_size, 2))
         print(f"timm folder {out_dir}: weights equal, max |diff| of outputs {diff:.3g}")
+        if cfg.push_to_hub:
+            print(f"uploaded to the Hub: {push_folder(out_dir, cfg.push_to_hub, cfg.private)}")
         return Outcome(objective=diff)
     write_onnx(net, sample_batch(input_size, 2), out_dir / ONNX_FILE, cfg.opset)
     diff = check_onnx(net, out_dir / ONNX_FILE, sample_batch(input_size, 3, seed=1), cfg.onnx_atol)
@@ -145,5 +150,5 @@ def export(cfg: DictConfig, run: Run) -> Outcome:
 
 
 def main(args: Sequence[str]) -> int:
-    """``das-lab export ckpt_path=PATH format=timm|onnx out=DIR [overwrite=true]``."""
+    """``das-lab export ckpt_path=PATH format=timm|onnx out=DIR [overwrite=true] [push_to_hub=ORG/NAME]``."""
     return run_command(export, "export", "export", list(args))

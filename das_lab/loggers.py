@@ -158,12 +158,19 @@ class WandbLogger(LightningWandbLogger):
                 self.experiment.summary.update(summary)
 
 
-def close_loggers(loggers: Sequence[Logger], failed: bool) -> None:
-    """Finish every W&B run of a job (exit code 1 when it failed) so the next job of a sweep starts its own."""
+def close_loggers(loggers: Sequence[Logger], failed: bool, best: Optional[Mapping[str, Optional[float]]] = None) -> None:
+    """Finish every W&B run of a job (exit code 1 when it failed) so the next job of a sweep starts its own.
+
+    ``best`` (metrics.json's best values) goes to each run's summary as ``best/<metric>``, so W&B's run
+    table shows the best epoch, not only the last; undefined (None) values are left out.
+    """
     for logger in loggers:
         run = getattr(logger, "_experiment", None) if isinstance(logger, LightningWandbLogger) else None
         if run is None:
             continue
+        summary = {f"best/{name}": value for name, value in (best or {}).items() if value is not None}
+        if summary:
+            run.summary.update(summary)
         run.finish(exit_code=1 if failed else 0)
         logger._experiment = None
 

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from das_lab.callbacks.checkpoint_state import CONFIG_KEY
+from das_lab.callbacks.checkpoint_state import CLASSES_KEY, CONFIG_KEY
 from das_lab.errors import CheckpointError
 from das_lab.models.weights import WeightsMismatchError, compare_state_dicts, read_torch_file
 from das_lab.utils.flops import cost_subject, count_gmacs, count_params
@@ -114,13 +114,29 @@ def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any],
         raise WeightsMismatchError(report)
 
 
+def index_names(num_classes: int) -> list[str]:
+    """Stand-in class names (``class_0``, ...) where a model's real ones are unknown."""
+    return [f"class_{index}" for index in range(num_classes)]
+
+
 class Restored(NamedTuple):
-    """What a das-lab checkpoint rebuilds: its data config, backbone, task module and GFLOPs input size."""
+    """What a das-lab checkpoint rebuilds: its data config, backbone, task module, GFLOPs input size and the
+    classes it stores (``names``, and ``category_ids`` for COCO detection)."""
 
     data: DictConfig
     net: nn.Module
     module: L.LightningModule
     flops_image_size: Optional[int]
+    classes: Optional[dict[str, list]] = None
+
+    def class_names(self, num_classes: int) -> list[str]:
+        """The stored class names; index names, with a note, for checkpoints written before das-lab stored them."""
+        names = list((self.classes or {}).get("names", []))
+        if len(names) == num_classes:
+            return names
+        stored = f"{len(names)} class names for {num_classes} classes" if names else "no class names (an older das-lab)"
+        log.warning("the checkpoint stores %s: classes are named class_0 ... class_%d", stored, num_classes - 1)
+        return index_names(num_classes)
 
 
 def restore_checkpoint(ckpt_path: str | Path, data_replacements: Optional[DictConfig] = None) -> Restored:
@@ -155,4 +171,5 @@ def restore_checkpoint(ckpt_path: str | Path, data_replacements: Optional[DictCo
                 f"drop data.{key} (replaceable here: {', '.join(k for k in data_replacements if k in data_cfg)})"
             )
         data_cfg[key] = value
-    return Restored(data_cfg, net, module, stored.get("flops_image_size", data_cfg.get("image_size")))
+    return Restored(data_cfg, net, module, stored.get("flops_image_size", data_cfg.get("image_size")),
+                    checkpoint.get(CLASSES_KEY))

@@ -1,12 +1,15 @@
-"""``das-lab predict``: label one's own images with a checkpoint or an exported timm folder, into a CSV."""
+"""``das-lab predict``: one's own images through a checkpoint (classification, detection, segmentation) or an
+exported timm folder; the outputs are written by das_lab.predictions."""
 
 from __future__ import annotations
 
 import glob
 import logging
+import os
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -15,9 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from das_lab.command import Outcome, Run, run_command
-from das_lab.data.decode import CorruptImageError, read_rgb
+from das_lab.data.image_io import CorruptImageError, read_rgb
 from das_lab.errors import ConfigError
-from das_lab.utils.tables import write_csv
+from das_lab.pipeline import index_names
+from das_lab.predictions import ClassesCSV, DetectionsJSON, LabelPNGs
+from das_lab.tasks.detection import DetectionModule
+from das_lab.tasks.segmentation import SegmentationModule
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +47,9 @@ def list_inputs(spec: str) -> list[Path]:
 
 
 class ImageFiles(Dataset):
-    """Image files decoded and transformed; an unreadable file yields ``None`` instead of stopping the run."""
+    """Image files decoded (uint8 RGB) and transformed; an unreadable file yields ``None`` instead of stopping the run."""
 
-    def __init__(self, paths: Sequence[Path], transform: Transform) -> None:
+    def __init__(self, paths: Sequence[Path], transform: Optional[Transform]) -> None:
         self.paths = list(paths)
         self.transform = transform
 
@@ -52,25 +58,36 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, Optional[Tensor]]:
         try:
-            return index, self.transform(read_rgb(self.paths[index]))
+            image = read_rgb(self.paths[index])
+            return index, image if self.transform is None else self.transform(image)
         except CorruptImageError:
             return index, None
 
 
-def collate_readable(items: list[tuple[int, Optional[Tensor]]]) -> tuple[list[int], Optional[Tensor], list[int]]:
-    """Indices and stacked images of the readable files of a batch, and the indices of the unreadable ones."""
+def collate_readable(items: list[tuple[int, Optional[Tensor]]]) -> tuple[list[int], list[Tensor], list[int]]:
+    """Indices and images of the readable files of a batch, and the indices of the unreadable ones."""
     readable = [(index, image) for index, image in items if image is not None]
     unreadable = [index for index, image in items if image is None]
-    images = torch.stack([image for _, image in readable]) if readable else None
-    return [index for index, _ in readable], images, unreadable
+    return [index for index, _ in readable], [image for _, image in readable], unreadable
 
 
-def from_checkpoint(ckpt_path: str) -> tuple[nn.Module, Transform, list[str]]:
-    """Network, the eval transform of its datamodule, and class names of a das-lab checkpoint."""
-    from das_lab.export import load_classifier
+def output_names(files: Sequence[Path]) -> dict[Path, Path]:
+    """Per input, the name of its output PNG in an output folder: its path below the inputs' common folder."""
+    root = Path(os.path.commonpath([str(path.parent.absolute()) for path in files]))
+    names = {path: path.absolute().relative_to(root).with_suffix(".png") for path in files}
+    clashing = sorted(str(name) for name, count in Counter(names.values()).items() if count > 1)
+    if clashing:
+        raise ConfigError(f"inputs: several files would be written as {clashing[0]} (they differ only in their "
+                          "suffix); give inputs a glob that picks one of them, e.g. inputs='photos/*.jpg'")
+    return names
 
-    net, datamodule, _ = load_classifier(ckpt_path)
-    return net, datamodule.eval_transform, list(datamodule.class_names)
+
+class Writer(Protocol):
+    """Turns batches of model inputs into a task's output files."""
+
+    def __call__(self, files: Sequence[Path], images: list[Tensor]) -> None: ...
+
+    def finish(self) -> Path: ...
 
 
 def from_export(folder: str) -> tuple[nn.Module, Transform, list[str]]:
@@ -89,7 +106,52 @@ def from_export(folder: str) -> tuple[nn.Module, Transform, list[str]]:
     transform = build_eval_transform(
         cfg["input_size"][-1], cfg["crop_pct"], cfg["interpolation"], tuple(cfg["mean"]), tuple(cfg["std"])
     )
-    return net, transform, list(cfg.get("label_names") or [])
+    names = list(cfg.get("label_names") or [])
+    if len(names) != net.num_classes:
+        log.warning("export=%s names no classes: they are named class_0 ... class_%d", folder, net.num_classes - 1)
+        names = index_names(net.num_classes)
+    return net, transform, names
+
+
+def writer_for_checkpoint(cfg: DictConfig, run: Run, files: Sequence[Path]) -> tuple[Writer, Optional[Transform], nn.Module]:
+    """The writer of the checkpoint's task, the transform its inputs need and the model to move to the device."""
+    from hydra.utils import instantiate
+
+    from das_lab.data.ade20k import normalize
+    from das_lab.pipeline import restore_checkpoint
+    from das_lab.tasks.classification import ClassificationModule
+    from das_lab.visualize import eval_transform
+
+    restored = restore_checkpoint(cfg.ckpt_path)
+    module = restored.module.eval()
+    if cfg.boxes_dir and not isinstance(module, DetectionModule):
+        raise ConfigError(f"boxes_dir={cfg.boxes_dir}: boxes are drawn for detection checkpoints; "
+                          f"{cfg.ckpt_path} holds a {type(module).__name__}, drop boxes_dir")
+    if isinstance(module, ClassificationModule):
+        names = restored.class_names(restored.net.num_classes)
+        writer: Writer = ClassesCSV(restored.net, names, cfg.topk, out_path(cfg, run, "predictions.csv"))
+        return writer, eval_transform(instantiate(restored.data)), restored.net
+    if isinstance(module, DetectionModule):
+        names = restored.class_names(module.num_classes)
+        ids = (restored.classes or {}).get("category_ids") or list(range(1, module.num_classes + 1))
+        boxes = None
+        if cfg.boxes_dir:
+            folder = Path(cfg.boxes_dir).expanduser().absolute()
+            boxes = {path: folder / name for path, name in output_names(files).items()}
+        writer = DetectionsJSON(module, names, ids, out_path(cfg, run, "detections.json"), boxes, cfg.box_threshold)
+        return writer, None, module
+    if isinstance(module, SegmentationModule):
+        names = restored.class_names(module.num_classes)
+        folder = out_path(cfg, run, "predictions")
+        labels = {path: folder / name for path, name in output_names(files).items()}
+        return LabelPNGs(module, names, folder, labels), normalize, module
+    raise ConfigError(f"{cfg.ckpt_path} holds a {type(module).__name__}; das-lab predict takes classification, "
+                      "detection and segmentation checkpoints")
+
+
+def out_path(cfg: DictConfig, run: Run, default: str) -> Path:
+    """``cfg.out``, or ``default`` inside the run folder."""
+    return Path(cfg.out or run.dir / default).expanduser().absolute()
 
 
 def pick_device(name: str) -> torch.device:
@@ -100,42 +162,38 @@ def pick_device(name: str) -> torch.device:
 
 
 def predict(cfg: DictConfig, run: Run) -> Outcome:
-    """Write the top-k classes of every readable file of ``cfg.inputs`` to a CSV; list the unreadable ones."""
+    """Write the task's predictions for every readable file of ``cfg.inputs``; list the unreadable ones."""
     if bool(cfg.ckpt_path) == bool(cfg.export):
         raise ConfigError("give exactly one model: ckpt_path=PATH (a das-lab checkpoint) or export=DIR (a timm folder)")
     files = list_inputs(str(cfg.inputs))
-    net, transform, names = from_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else from_export(cfg.export)
+    transform: Optional[Transform]
+    if cfg.export:
+        if cfg.boxes_dir:
+            raise ConfigError(f"boxes_dir={cfg.boxes_dir}: boxes are drawn for detection checkpoints, and export={cfg.export} "
+                              "is a classifier; drop boxes_dir")
+        model, transform, names = from_export(cfg.export)
+        writer: Writer = ClassesCSV(model, names, cfg.topk, out_path(cfg, run, "predictions.csv"))
+    else:
+        writer, transform, model = writer_for_checkpoint(cfg, run, files)
     run.start()
     device = pick_device(cfg.device)
-    net = net.to(device).eval()
-    num_classes = net.num_classes
-    names = names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
-    k = min(cfg.topk, num_classes)
+    model.to(device).eval()
     loader = DataLoader(ImageFiles(files, transform), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         collate_fn=collate_readable)
-    out = Path(cfg.out or run.dir / "predictions.csv").expanduser().absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
     unreadable: list[Path] = []
-
-    def rows() -> Iterator[list[str]]:
-        for indices, images, bad in tqdm(loader, desc="predict", unit="batch", file=sys.stderr):
-            unreadable.extend(files[i] for i in bad)
-            if images is None:
-                continue
-            probs, classes = net(images.to(device)).float().softmax(-1).topk(k, dim=-1)
-            for index, p_row, c_row in zip(indices, probs.tolist(), classes.tolist()):
-                yield [str(files[index]), *(v for c, p in zip(c_row, p_row) for v in (names[c], f"{p:.6f}"))]
-
-    header = ["file", *(f"{column}_{rank}" for rank in range(1, k + 1) for column in ("class", "prob"))]
     with torch.no_grad():
-        write_csv(out, header, rows())
-    print(f"{len(files) - len(unreadable)} image(s) labelled: {out}")
+        for indices, images, bad in tqdm(loader, desc="predict", unit="batch", file=sys.stderr):
+            unreadable += [files[i] for i in bad]
+            if images:
+                writer([files[i] for i in indices], [image.to(device) for image in images])
+    written = writer.finish()
+    print(f"{len(files) - len(unreadable)} image(s) labelled: {written}")
     if unreadable:
         print(f"{len(unreadable)} unreadable file(s) skipped:", *unreadable, sep="\n  ", file=sys.stderr)
     return Outcome()
 
 
 def main(args: Sequence[str]) -> int:
-    """``das-lab predict ckpt_path=PATH|export=DIR inputs=DIR|FILE|GLOB [out=FILE]``."""
+    """``das-lab predict ckpt_path=PATH|export=DIR inputs=DIR|FILE|GLOB [out=PATH] [boxes_dir=DIR]``."""
     return run_command(predict, "predict", "predict", list(args))
 

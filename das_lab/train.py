@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from das_lab.callbacks.checkpoint_state import ConfigInCheckpoint, RngStateInCheckpoint
+from das_lab.callbacks.checkpoint_state import ClassesInCheckpoint, ConfigInCheckpoint, RngStateInCheckpoint
 from das_lab.command import Outcome, Run
 from das_lab.loggers import WandbIdInCheckpoint, with_resumed_wandb_id
 from das_lab.models.weights import load_weights
@@ -81,6 +81,7 @@ def train(cfg: DictConfig, run: Run) -> Outcome:
         *instantiate_group(cfg.get("callbacks")),
         history,
         ConfigInCheckpoint(stored),
+        ClassesInCheckpoint(),
         RngStateInCheckpoint(),
         WandbIdInCheckpoint(run.loggers),
     ]

@@ -102,7 +102,7 @@ def test_close_loggers_finishes_failed_run_and_keeps_summary(wandb_env):
     logger = WandbLogger(project="das-lab", save_dir=str(wandb_env / "run"), name="job", log_model=True)
     logger.log_hyperparams({"params": 1234, "gflops": 0.5, "optimizer": {"lr": 0.1}})
     logger.log_metrics({"val/acc1": 0.25}, step=3)
-    close_loggers([CSVLogger(str(wandb_env / "csv")), logger], failed=True)
+    close_loggers([CSVLogger(str(wandb_env / "csv")), logger], failed=True, best={"val/acc1": 0.5, "val/map_large": None})
     assert wandb.run is None
     close_loggers([logger], failed=False)  # closing twice is harmless
 
@@ -117,6 +117,7 @@ def test_close_loggers_finishes_failed_run_and_keeps_summary(wandb_env):
         u.key or "/".join(u.nested_key): json.loads(u.value_json) for s in _of(records, "summary") for u in s.update
     }
     assert summary["params"] == 1234 and summary["gflops"] == 0.5
+    assert summary["best/val/acc1"] == 0.5 and "best/val/map_large" not in summary  # metrics.json's best; null left out
     assert "val/acc1" in _history_keys(records)
     assert [e.exit_code for e in _of(records, "exit")] == [1]
 
@@ -155,9 +156,12 @@ def test_multirun_offline_runs_are_grouped_and_hold_metrics_and_images(wandb_env
         assert [e.exit_code for e in _of(records, "exit")] == [0]  # every job finished its own run
         names.append(run.display_name)
         keys = _history_keys(records)
-        summary = {u.key for s in _of(records, "summary") for u in s.update}
+        summary = {u.key or "/".join(u.nested_key): json.loads(u.value_json) for s in _of(records, "summary") for u in s.update}
         metrics = json.loads((job / "metrics.json").read_text())
-        assert {"params", "gflops"} <= summary and metrics["params"] > 0
+        assert {"params", "gflops"} <= set(summary) and metrics["params"] > 0
+        assert {f"best/{name}": value for name, value in metrics["best"].items()} == {
+            key: value for key, value in summary.items() if key.startswith("best/")
+        }
         assert {"val/acc1", "val/loss", "visualizations/0_gates/_type", "visualizations/1_gates/_type"} <= keys
         assert len(list(log_file.parent.glob("files/media/images/visualizations/*_gates_*.png"))) == 2
         figures = sorted(p.name for p in (job / "visualizations" / "epoch_000").iterdir())

@@ -1,4 +1,4 @@
-"""Extra state in das-lab checkpoints: the run's config, and RNG states for exact resumes."""
+"""Extra state in das-lab checkpoints: the run's config, its class names, and RNG states for exact resumes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 CONFIG_KEY = "das_lab_config"
+CLASSES_KEY = "das_lab_classes"
 RNG_KEY = "das_lab_rng_states"
 
 
@@ -22,6 +23,21 @@ class ConfigInCheckpoint(Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[CONFIG_KEY] = self.config
+
+
+class ClassesInCheckpoint(Callback):
+    """Stores the data's class names (and COCO category ids), so exports and predictions name their classes
+    without the dataset at hand."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        datamodule = trainer.datamodule
+        names = list(getattr(datamodule, "class_names", None) or [])
+        if not names:
+            return
+        checkpoint[CLASSES_KEY] = {"names": names}
+        category_ids = getattr(datamodule, "category_ids", None)
+        if category_ids:
+            checkpoint[CLASSES_KEY]["category_ids"] = [int(i) for i in category_ids]
 
 
 def collect_rng_states() -> dict[str, Any]:

@@ -66,6 +66,12 @@ def feature_backbone(net: nn.Module) -> nn.Module:
     return FeatureGetterNet(net, out_indices=stage_levels(net), output_fmt="NCHW")
 
 
+def write_label_png(prediction: torch.Tensor, path: Path) -> None:
+    """A (H, W) map of class indices as a label PNG in the ADE20K release format: uint8, class k as k + 1."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png((prediction + 1).to(torch.uint8, copy=True).cpu()[None], str(path))
+
+
 class Segmentor(nn.Module):
     """Backbone maps -> decode head (and the auxiliary head while training) -> logits at the input's size."""
 
@@ -228,8 +234,7 @@ class SegmentationModule(TimmSchedulerMixin, L.LightningModule):
             prediction = self.predict_probabilities(image).argmax(dim=0)
             self.scores[stage].update(prediction, label)
             if writing:
-                folder.mkdir(parents=True, exist_ok=True)
-                write_png((prediction + 1).to(torch.uint8, copy=True).cpu()[None], str(folder / f"{name}.png"))
+                write_label_png(prediction, folder / f"{name}.png")
 
     def _log_epoch(self, stage: str) -> None:
         scores = self.scores[stage].compute()
