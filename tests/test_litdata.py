@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from litdata import StreamingDataset
 
 from fake_datasets import IMAGENET_WNIDS, snapshot, truncate
@@ -45,24 +46,31 @@ def converted(tmp_path_factory) -> tuple[Path, Path]:
     return root, out
 
 
-def folder_samples(root: Path, split: str) -> Counter:
-    """(bytes, label) of every image of a split as the folder form reads it."""
-    from hydra.utils import instantiate
-
-    datamodule = instantiate(compose_config(["data=imagenet", f"data.root={root}", "data.num_classes=4"]).data)
-    datamodule.setup()
-    return Counter((Path(path).read_bytes(), label) for path, label in getattr(datamodule, f"{split}_set").samples)
+def datamodule(root: Path, *overrides: str):
+    """The imagenet datamodule (4 classes, 16 px) on ``root``, set up, its training images transformed for eval."""
+    cfg = compose_config(["data=imagenet", f"data.root={root}", "data.num_classes=4", "data.image_size=16", *overrides])
+    module = instantiate(cfg.data)
+    module.train_transform = module.eval_transform  # deterministic, so both forms must give equal tensors
+    module.setup()
+    return module
 
 
 def test_conversion_keeps_every_image_and_label(converted):
     root, out = converted
+    folder = datamodule(root)
     metadata = json.loads((out / METADATA_FILE).read_text())
-    assert metadata["class_names"] == ["tench", "goldfish", "great white shark", "tiger shark"]
+    assert metadata["class_names"] == folder.class_names == ["tench", "goldfish", "great white shark", "tiger shark"]
     assert {split: entry["dir"] for split, entry in metadata["splits"].items()} == {"train": "train", "val": "val", "test": "val"}
     for split in ("train", "val"):
         records = StreamingDataset(str(out / split))
         assert len(records.subsampled_files) > 1  # several chunks
-        assert Counter((r["image"], r["label"]) for r in records) == folder_samples(root, split)
+        assert Counter((r["image"], r["label"]) for r in records) == Counter(
+            (Path(path).read_bytes(), label) for path, label in getattr(folder, f"{split}_set").samples)
+    shards = datamodule(out, "data.format=litdata")
+    assert shards.class_names == folder.class_names
+    from_folder = sorted((label, image.flatten().tolist()) for image, label in map(folder.train_set.__getitem__,
+                                                                                   range(len(folder.train_set))))
+    assert sorted((label, image.flatten().tolist()) for image, label in shards.train_set) == from_folder
 
 
 def test_rerun_finishes_an_interrupted_conversion(converted, tmp_path, capsys):

@@ -236,7 +236,7 @@ class ShardsFormat:
         self.class_names = list(metadata["class_names"])
         self.expected_sizes = dict(metadata["expected_sizes"])
         self.layout = f"LitData shards in {self.location} (converted from {metadata['source']})"
-        seed = torch.initial_seed()
+        seed = torch.initial_seed() % 2**32  # the run's seed (seed_everything); numpy's RNG takes 32 bits
         made: dict[str, ImageShardDataset] = {}
         for split in SPLITS:
             entry = metadata["splits"][split]
