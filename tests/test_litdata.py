@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from litdata import StreamingDataset
 
-from fake_datasets import IMAGENET_WNIDS, snapshot, truncate
+from fake_datasets import IMAGENET_WNIDS, make_stanford_dogs, snapshot, truncate
 from litdata_node import FIRST_WIDTH, Recorder, shards_datamodule, trainer, unique_imagenet
 
 from das_lab.data.convert import main as convert_main
@@ -73,6 +74,21 @@ def test_conversion_keeps_every_image_and_label(converted):
     assert sorted((label, image.flatten().tolist()) for image, label in shards.train_set) == from_folder
 
 
+def test_stanford_dogs_convert_with_their_breeds(tmp_path):
+    dogs = make_stanford_dogs(tmp_path / "dogs", train_per_class=2, test_per_class=1)
+    out = tmp_path / "shards"
+    assert convert_main(["data=stanford_dogs", f"data.root={dogs.root}", "data.num_classes=3", f"out={out}",
+                         "num_workers=1", f"hydra.run.dir={tmp_path / 'run'}"]) == 0
+    shards = instantiate(compose_config(["data=stanford_dogs", "data.format=litdata", f"data.root={out}",
+                                         "data.num_classes=3"]).data)
+    shards.setup()
+    assert shards.class_names == ["Chihuahua", "Japanese spaniel", "Maltese dog"]
+    assert sorted(r["path"] for r in StreamingDataset(str(out / "val"))) == sorted(f"Images/{f}" for f in dogs.test)
+    assert sorted(label for _, label in shards.test_set) == [0, 1, 2]
+    with pytest.raises(InstantiationException, match="data.crop_to_bbox=true needs the annotations"):
+        instantiate(compose_config(["data=stanford_dogs", "data.format=litdata", "data.crop_to_bbox=true"]).data)
+
+
 def test_rerun_finishes_an_interrupted_conversion(converted, tmp_path, capsys):
     root, out = converted
     partial = tmp_path / "shards"
@@ -83,9 +99,14 @@ def test_rerun_finishes_an_interrupted_conversion(converted, tmp_path, capsys):
         read_metadata(str(partial), "imagenet")
     args = ["data=imagenet", f"data.root={root}", "data.num_classes=4", f"out={partial}", "num_workers=1",
             "chunk_bytes=2kb", f"hydra.run.dir={tmp_path / 'run'}"]
+    finished = snapshot(partial / "train")
     assert convert_main(args) == 0
-    assert "train: already converted" in capsys.readouterr().err or (partial / "train" / "index.json").is_file()
+    assert snapshot(partial / "train") == finished  # the finished split is kept, not written again
     assert (partial / METADATA_FILE).read_text() == (out / METADATA_FILE).read_text()
+    capsys.readouterr()
+    assert convert_main(args) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"das-lab: error: out={partial} already holds a complete conversion ({METADATA_FILE}); choose another out")
     assert Counter(r["image"] for r in StreamingDataset(str(partial / "val"))) == Counter(
         r["image"] for r in StreamingDataset(str(out / "val")))
 
