@@ -67,6 +67,8 @@ def test_conversion_keeps_every_image_and_label(converted):
         assert len(records.subsampled_files) > 1  # several chunks
         assert Counter((r["image"], r["label"]) for r in records) == Counter(
             (Path(path).read_bytes(), label) for path, label in getattr(folder, f"{split}_set").samples)
+    stored = [r["label"] for r in StreamingDataset(str(out / "train"))]
+    assert stored != sorted(stored)  # written in shuffled order: chunks mix the classes
     shards = datamodule(out, "data.format=litdata")
     assert shards.class_names == folder.class_names
     from_folder = sorted((label, image.flatten().tolist()) for image, label in map(folder.train_set.__getitem__,

@@ -2,7 +2,8 @@
 
 The dataset is read exactly as training reads its folders (layout detection, archive extraction to
 the cache, the ``data.num_classes`` subset, labels in the same class order); every image's file is
-stored unchanged (no re-encoding) with its label and file name, one LitData dataset per split,
+stored unchanged (no re-encoding) with its label and file name, in an order shuffled once by
+``write_seed`` (so that every chunk mixes the classes), one LitData dataset per split,
 written by ``litdata.optimize`` with ``num_workers`` processes and its progress bar. Each split
 keeps LitData checkpoints while it is written: running the same command again after an
 interruption skips the finished splits and continues the unfinished one. The metadata file
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -75,14 +77,21 @@ def _write_text(location: str, text: str) -> None:
         object_store(location).upload_file(str(local), location)
 
 
-def convert_split(samples: list[tuple[str, int]], folder: Path, location: str, num_workers: int, chunk_bytes: str) -> None:
-    """Write one split's records with ``litdata.optimize``, resuming its checkpoints; skipped when finished."""
+def convert_split(
+    samples: list[tuple[str, int]], folder: Path, location: str, num_workers: int, chunk_bytes: str, write_seed: int
+) -> None:
+    """Write one split's records with ``litdata.optimize``, resuming its checkpoints; skipped when finished.
+
+    Records are written in an order shuffled by ``write_seed``: a chunk then mixes all classes, as the
+    batches drawn from it (one chunk at a time per loader worker) must.
+    """
     from litdata import optimize
 
     if _exists(join(location, INDEX_FILE)):
         log.info("%s: already converted, kept", location)
         return
     inputs = [(path, label, str(Path(path).relative_to(folder))) for path, label in samples]
+    random.Random(write_seed).shuffle(inputs)
     log.info("%s: writing %d images with %d workers", location, len(inputs), num_workers)
     optimize(
         fn=read_record, inputs=inputs, output_dir=location, num_workers=num_workers, chunk_bytes=chunk_bytes,
@@ -112,7 +121,7 @@ def convert(cfg: DictConfig, run: Run) -> Outcome:
         if not samples:
             raise ConfigError(f"{datamodule.dataset_name} in {datamodule.root}: the {split} split is empty; check the dataset")
         if id(samples) not in converted:
-            convert_split(samples, folder, join(out, split), cfg.num_workers, cfg.chunk_bytes)
+            convert_split(samples, folder, join(out, split), cfg.num_workers, cfg.chunk_bytes, cfg.write_seed)
             converted[id(samples)] = split
         counts = Counter(label for _, label in samples)
         entries[split] = {

@@ -171,6 +171,10 @@ class ImageShardDataset(StreamingDataset):
         # straddled two nodes in the first epoch is then read by both: images repeat. As one node, every
         # epoch's chunks are permuted by (seed, epoch) and split across all ranks: each image once.
         self.distributed_env = _DistributedEnv(self.distributed_env.world_size, self.distributed_env.global_rank, 1)
+        # On local folders LitData would hand each loader worker the same fixed stripe of chunks every
+        # epoch (its POSIX mode), trimming every worker to the shortest; the object-store mode used
+        # everywhere instead permutes chunks by (seed, epoch) and splits them item by item.
+        self.posix_fast = None
         self.location = location
         self.image_transform = image_transform
         self.class_counts = class_counts
