@@ -16,7 +16,8 @@ the training split by (seed, epoch), and ``StreamingDataLoader.state_dict`` is s
 checkpoint by Lightning's fit loop, so a run resumed from a mid-epoch checkpoint continues with the
 very next batch. Under DDP each rank gets the same number of whole training batches: up to
 ``world_size * batch_size - 1`` images (others each epoch) are left out of an epoch, as with
-DistributedSampler's ``drop_last``.
+DistributedSampler's ``drop_last``. Every epoch permutes the chunks over all ranks of all nodes
+(``ImageShardDataset`` says why LitData's per-node and local-folder modes are not used).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class ShardsError(UserError, FileNotFoundError):
 
 def is_url(location: str) -> bool:
     """True for object-store locations (s3://, gs://, ...), False for local folders."""
-    return "://" in location and not location.startswith("file://")
+    return "://" in location
 
 
 def join(location: str, *parts: str) -> str:
