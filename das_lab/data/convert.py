@@ -93,6 +93,7 @@ def convert_split(
     inputs = [(path, label, str(Path(path).relative_to(folder))) for path, label in samples]
     random.Random(write_seed).shuffle(inputs)
     log.info("%s: writing %d images with %d workers", location, len(inputs), num_workers)
+    # the workers only read files: fork starts them at once, spawn would import torch again in each
     optimize(
         fn=read_record, inputs=inputs, output_dir=location, num_workers=num_workers, chunk_bytes=chunk_bytes,
         use_checkpoint=True, reorder_files=False, start_method="fork",
