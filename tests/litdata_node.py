@@ -2,14 +2,14 @@
 
 Every generated image has its own width (``unique_imagenet``), so the train transform ``width_id``
 turns an image into its id; ``Recorder`` trains one weight on those ids and keeps them per epoch.
-Run as a script, it is one "node" of a two-node DDP run on loopback (Lightning's environment
-variables: NODE_RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and writes what its rank saw as JSON.
+``node`` is one "node" of a two-node DDP run on loopback (Lightning's environment variables:
+NODE_RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and writes what its rank saw as JSON.
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +78,12 @@ def trainer(**kwargs: Any) -> L.Trainer:
     return L.Trainer(**{**defaults, **kwargs})
 
 
-def main(shards: str, out: str, epochs: int) -> None:
-    """One node of a two-node run: train ``epochs`` epochs, write this rank's ids per epoch to ``out``."""
-    torch.set_num_threads(1)
+def node(shards: Path, out: Path, epochs: int, env: dict[str, str]) -> None:
+    """One node of a two-node run (a forked process; ``env``: Lightning's cluster variables): train
+    ``epochs`` epochs, write this rank's ids per epoch to ``out``."""
+    os.environ.update(env)
     L.seed_everything(0)
     module = Recorder()
-    node = trainer(num_nodes=2, strategy="ddp", max_epochs=epochs)
-    node.fit(module, datamodule=shards_datamodule(Path(shards), 4))
-    Path(out).write_text(json.dumps({"rank": node.global_rank, "seen": module.seen}))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    fit = trainer(num_nodes=2, strategy="ddp", max_epochs=epochs)
+    fit.fit(module, datamodule=shards_datamodule(shards, 4))
+    out.write_text(json.dumps({"rank": fit.global_rank, "seen": module.seen}))

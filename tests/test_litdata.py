@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
+import multiprocessing
 import re
 import shutil
 import socket
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from hydra.utils import instantiate
 from litdata import StreamingDataset
 
 from fake_datasets import IMAGENET_WNIDS, make_stanford_dogs, snapshot, truncate
-from litdata_node import FIRST_WIDTH, Recorder, shards_datamodule, trainer, unique_imagenet
+from litdata_node import FIRST_WIDTH, Recorder, node, shards_datamodule, trainer, unique_imagenet
 
 from das_lab.data.convert import main as convert_main
 from das_lab.data.litdata_shards import METADATA_FILE, ShardsError, read_metadata
@@ -154,16 +152,16 @@ def test_two_nodes_see_every_training_image_once_per_epoch(converted, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    script = Path(__file__).with_name("litdata_node.py")
-    nodes = []
-    for node in (0, 1):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node),
-               "LOCAL_RANK": "0", "NNODES": "2", "PL_GLOBAL_SEED": "0"}
-        nodes.append(subprocess.Popen([sys.executable, str(script), str(out), str(tmp_path / f"node{node}.json"), "2"],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [node.communicate(timeout=240)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
-    seen = [json.loads((tmp_path / f"node{node}.json").read_text()) for node in (0, 1)]
+    fork = multiprocessing.get_context("fork")  # no second start-up of torch and Lightning
+    nodes = [fork.Process(target=node, args=(out, tmp_path / f"node{rank}.json", 2, {
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank), "LOCAL_RANK": "0", "NNODES": "2",
+    })) for rank in (0, 1)]
+    for process in nodes:
+        process.start()
+    for process in nodes:
+        process.join(timeout=240)
+    assert [process.exitcode for process in nodes] == [0, 0]
+    seen = [json.loads((tmp_path / f"node{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(s["rank"] for s in seen) == [0, 1]
     for epoch in ("0", "1"):
         per_rank = [s["seen"][epoch] for s in seen]
