@@ -19,6 +19,7 @@ from litdata import StreamingDataset
 from fake_datasets import IMAGENET_WNIDS, make_stanford_dogs, snapshot, truncate
 from litdata_node import FIRST_WIDTH, Recorder, node, shards_datamodule, trainer, unique_imagenet
 
+from das_lab.cli import data_main
 from das_lab.data.convert import main as convert_main
 from das_lab.data.litdata_shards import METADATA_FILE, ShardsError, read_metadata
 from das_lab.data.verify import compose_config, main as verify_main
@@ -40,7 +41,7 @@ def converted(tmp_path_factory) -> tuple[Path, Path]:
     out = base / "shards"
     args = ["data=imagenet", f"data.root={root}", "data.num_classes=4", f"out={out}", "num_workers=1",
             "chunk_bytes=2kb", f"hydra.run.dir={base / 'run'}"]
-    assert convert_main(args) == 0
+    assert data_main(["convert", *args]) == 0
     assert snapshot(root) == before  # nothing written into data.root
     return root, out
 
