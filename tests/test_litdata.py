@@ -16,6 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from litdata import StreamingDataset
 
+from cli_helpers import error_line
 from fake_datasets import IMAGENET_WNIDS, make_stanford_dogs, snapshot, truncate
 from litdata_node import FIRST_WIDTH, Recorder, node, shards_datamodule, trainer, unique_imagenet
 
@@ -193,6 +194,8 @@ def test_bad_shards_give_one_line(converted, tmp_path, capsys, monkeypatch):
     assert verify_main(["data=imagenet", "data.format=litdata", f"data.root={tmp_path}"]) == 1
     assert "no converted dataset there (no das_lab_shards.json); create it with: das-lab data convert data=imagenet" in (
         capsys.readouterr().err)
+    assert error_line(convert_main, ["data=digits", f"out={tmp_path / 'shards'}"], tmp_path / "run", capsys) == (
+        "das-lab: error: data=digits cannot be converted to shards; choose data=imagenet or data=stanford_dogs")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "none")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "none")

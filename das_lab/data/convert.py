@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -106,7 +107,8 @@ def convert(cfg: DictConfig, run: Run) -> Outcome:
         raise ConfigError(f"data.format={cfg.data.format}: data convert reads the folder form; drop data.format")
     datamodule = instantiate(cfg.data)
     if not isinstance(datamodule, ImageClassificationDataModule):
-        raise ConfigError(f"data={cfg.data._target_} cannot be converted; choose data=imagenet or data=stanford_dogs")
+        choice = HydraConfig.get().runtime.choices.get("data")
+        raise ConfigError(f"data={choice} cannot be converted to shards; choose data=imagenet or data=stanford_dogs")
     if cfg.num_workers < 1:
         raise ConfigError(f"num_workers={cfg.num_workers}: expected 1 or more conversion processes")
     out = check_out(str(cfg.out), datamodule.root)
