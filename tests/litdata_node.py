@@ -40,14 +40,14 @@ def width_id(image: torch.Tensor) -> torch.Tensor:
     return torch.tensor([float(image.shape[-1])])
 
 
-def shards_datamodule(root: Path, batch_size: int, *overrides: str) -> Any:
+def shards_datamodule(root: Path, batch_size: int, workers: int = 0) -> Any:
     """The imagenet datamodule on converted shards, with ``width_id`` as its transforms."""
     from das_lab.data.verify import compose_config
 
     cfg = compose_config([
         "data=imagenet", "data.format=litdata", f"data.root={root}", f"data.num_classes={len(IMAGENET_WNIDS)}",
-        "data.image_size=16", f"data.batch_size={batch_size}", "data.num_workers=0", "data.pin_memory=false",
-        "data.persistent_workers=false", "data.prefetch_factor=null", *overrides,
+        "data.image_size=16", f"data.batch_size={batch_size}", f"data.num_workers={workers}", "data.pin_memory=false",
+        "data.persistent_workers=false", "data.prefetch_factor=null",
     ])
     datamodule = instantiate(cfg.data)
     datamodule.train_transform = datamodule.eval_transform = width_id

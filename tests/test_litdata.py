@@ -10,6 +10,7 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra.errors import InstantiationException
@@ -113,29 +114,36 @@ def test_rerun_finishes_an_interrupted_conversion(converted, tmp_path, capsys):
         r["image"] for r in StreamingDataset(str(out / "val")))
 
 
-def test_resume_mid_epoch_ends_like_an_uninterrupted_run(converted, tmp_path):
+class Interrupt(Exception):
+    """Stands for a kill: raised right after a checkpoint was saved mid-epoch."""
+
+
+class SaveAndInterrupt(L.Callback):
+    """Saves ``path`` after training step ``step``, then stops the run."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            raise Interrupt
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_ends_like_an_uninterrupted_run(converted, tmp_path, workers):
     _, out = converted
 
-    class Interrupt(Exception):
-        pass
-
     def run(stop_at: int | None = None, ckpt_path: str | None = None) -> Recorder:
-        import lightning as L
-
-        class StopAfter(L.Callback):
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if trainer.global_step == stop_at:
-                    trainer.save_checkpoint(tmp_path / "mid.ckpt")
-                    raise Interrupt
-
         L.seed_everything(0)
         module = Recorder()
-        fit = trainer(max_epochs=2, callbacks=[StopAfter()])
         if stop_at is None:
-            fit.fit(module, datamodule=shards_datamodule(out, 4), ckpt_path=ckpt_path, weights_only=True)
+            trainer(max_epochs=2).fit(module, datamodule=shards_datamodule(out, 4, workers), ckpt_path=ckpt_path,
+                                      weights_only=True)
         else:
             with pytest.raises(Interrupt):
-                fit.fit(module, datamodule=shards_datamodule(out, 4))
+                trainer(max_epochs=2, callbacks=[SaveAndInterrupt(stop_at, tmp_path / "mid.ckpt")]).fit(
+                    module, datamodule=shards_datamodule(out, 4, workers))
         return module
 
     whole = run()
