@@ -17,7 +17,7 @@ from das_lab.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("das_lab.cli:train_main", "train a model (Hydra overrides, +experiment=NAME, -m for sweeps)"),
     "eval": ("das_lab.cli:eval_main", "evaluate a checkpoint: das-lab eval ckpt_path=PATH"),
-    "data": ("das_lab.cli:data_main", "check a dataset without training: das-lab data verify data=NAME data.root=PATH"),
+    "data": ("das_lab.cli:data_main", "check a dataset, or convert it to streamed shards: das-lab data verify|convert data=NAME ..."),
     "profile": ("das_lab.profile:main", "params, GFLOPs, throughput and memory of models: das-lab profile model=NAME"),
     "report": ("das_lab.report:main", "table and plots of a sweep: das-lab report multirun/DATE/TIME"),
     "visualize": ("das_lab.visualize:main", "attention maps of a checkpoint: das-lab visualize ckpt_path=PATH images=[...]"),
@@ -76,10 +76,18 @@ def eval_main(args: Sequence[str]) -> int:
     return run_command(evaluate, "eval", "eval", args)
 
 
+DATA_USAGE = """usage: das-lab data verify [--max-images N] data=NAME data.root=PATH [overrides]
+       das-lab data convert data=imagenet|stanford_dogs data.root=PATH out=DIR_OR_URL [num_workers=N]"""
+
+
 def data_main(args: Sequence[str]) -> int:
-    if not args or args[0] != "verify":
-        print("usage: das-lab data verify [--max-images N] data=NAME data.root=PATH [overrides]", file=sys.stderr)
+    if not args or args[0] not in ("verify", "convert"):
+        print(DATA_USAGE, file=sys.stderr)
         return 2
+    if args[0] == "convert":
+        from das_lab.data.convert import main as convert_main
+
+        return convert_main(list(args[1:]))
     from das_lab.data.verify import main as verify_main
 
     return verify_main(list(args[1:]))

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from das_lab.command import Outcome, Run, run_command
-from das_lab.data.image_io import CorruptImageError, read_rgb
+from das_lab.data.decode import CorruptImageError, read_rgb
 from das_lab.errors import ConfigError
 from das_lab.pipeline import index_names
 from das_lab.predictions import ClassesCSV, DetectionsJSON, LabelPNGs

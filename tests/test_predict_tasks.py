@@ -22,7 +22,7 @@ from cli_helpers import error_line, read_metrics
 from das_lab.callbacks.checkpoint_state import CLASSES_KEY
 from das_lab.cli import train_main
 from das_lab.data.ade20k import normalize
-from das_lab.data.image_io import read_rgb
+from das_lab.data.decode import read_rgb
 from das_lab.pipeline import read_checkpoint, restore_checkpoint
 from das_lab.predict import main as predict_main
 from fake_ade20k import CLASS_NAMES, make_ade20k

@@ -33,6 +33,7 @@ from torchvision.datasets.utils import check_integrity
 
 from das_lab.data.archives import extract_once
 from das_lab.data.datamodule import ImageClassificationDataModule, SplitSamples
+from das_lab.data.litdata_shards import ShardsFormat
 
 OFFICIAL_SIZES = {"train": 1281167, "val": 50000, "test": 50000}
 OFFICIAL_CLASSES = 1000
@@ -106,7 +107,7 @@ def extract_archives(root: Path, destination: Path, verify_md5: bool) -> None:
     (destination / CLASSES_FILE).write_text(json.dumps(words, indent=0, sort_keys=True))
 
 
-class ImageNetDataModule(ImageClassificationDataModule):
+class ImageNetDataModule(ShardsFormat, ImageClassificationDataModule):
     """ImageNet-1k (or an evenly spaced class subset) from folders or the official archives."""
 
     dataset_name = "imagenet"
@@ -130,6 +131,7 @@ class ImageNetDataModule(ImageClassificationDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         prefetch_factor: Optional[int] = None,
+        format: str = "folder",
     ) -> None:
         super().__init__(
             root, image_size, num_classes, train_augment, crop_pct, eval_interpolation, skip_corrupt,
@@ -138,6 +140,7 @@ class ImageNetDataModule(ImageClassificationDataModule):
         if max_per_class is not None and max_per_class < 1:
             raise ValueError(f"data.max_per_class={max_per_class}: expected null (all images) or a positive integer")
         self.cache_dir = cache_dir
+        self.init_format(format, root, cache_dir)
         self.max_per_class = max_per_class
         self.verify_md5 = verify_md5
 

@@ -27,6 +27,7 @@ from das_lab.data.archives import extract_once, extract_tar
 from das_lab.data.datamodule import ImageClassificationDataModule, SplitSamples
 from das_lab.data.datasets import ImageSampleDataset
 from das_lab.data.decode import CorruptImageError, read_rgb
+from das_lab.data.litdata_shards import ShardsFormat
 
 ARCHIVES = ("images.tar", "annotation.tar", "lists.tar")
 OFFICIAL_TRAIN = 12000
@@ -82,7 +83,7 @@ class BoxCroppedDataset(ImageSampleDataset):
         return image[:, y0:y1, x0:x1]
 
 
-class StanfordDogsDataModule(ImageClassificationDataModule):
+class StanfordDogsDataModule(ShardsFormat, ImageClassificationDataModule):
     """Stanford Dogs from the official release (folders or archives), optionally cropped to the dogs."""
 
     dataset_name = "stanford_dogs"
@@ -107,6 +108,7 @@ class StanfordDogsDataModule(ImageClassificationDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         prefetch_factor: Optional[int] = None,
+        format: str = "folder",
     ) -> None:
         super().__init__(
             root, image_size, num_classes, train_augment, crop_pct, eval_interpolation, skip_corrupt,
@@ -115,9 +117,12 @@ class StanfordDogsDataModule(ImageClassificationDataModule):
         if not 0 <= val_per_class < 100:
             raise ValueError(f"data.val_per_class={val_per_class}: expected 0 (val = test) to 99 of the 100 train images per breed")
         self.cache_dir = cache_dir
+        self.init_format(format, root, cache_dir)
         self.val_per_class = val_per_class
         self.split_seed = split_seed
         self.crop_to_bbox = crop_to_bbox
+        if crop_to_bbox and format == "litdata":
+            raise ValueError("data.crop_to_bbox=true needs the annotations, which shards do not hold; use data.format=folder")
         self._annotations: dict[str, str] = {}
 
     def resolve_root(self) -> tuple[Path, str]:

@@ -2,8 +2,10 @@
 
 Composes the same config as ``das-lab train`` with the given overrides, builds the datamodule and
 checks the layout, the class count, the split sizes (against the official release when the config
-asks for the full dataset) and that every image decodes. Prints a summary table; exits 0 when all
-is well, 1 on any problem.
+asks for the full dataset) and that every image decodes. With ``data.format=litdata`` it checks
+converted shards the same way: their metadata (an interrupted conversion, other classes), the
+record counts against the conversion's, and that every record decodes. Prints a summary table;
+exits 0 when all is well, 1 on any problem.
 """
 
 from __future__ import annotations
