@@ -3,7 +3,6 @@ images with their boxes drawn), label PNGs in the ADE20K release format."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,6 +17,7 @@ from das_lab.tasks.coco_metrics import to_coco_results
 from das_lab.tasks.detection import DetectionModule
 from das_lab.tasks.segmentation import SegmentationModule, write_label_png
 from das_lab.tasks.segmentation_overlays import palette
+from das_lab.utils.tables import write_csv
 
 
 class ClassesCSV:
@@ -38,10 +38,8 @@ class ClassesCSV:
     def finish(self) -> Path:
         """Write the CSV; its path."""
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        with self.out.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["file", *(f"{column}_{rank}" for rank in range(1, self.k + 1) for column in ("class", "prob"))])
-            writer.writerows(self.rows)
+        header = ["file", *(f"{column}_{rank}" for rank in range(1, self.k + 1) for column in ("class", "prob"))]
+        write_csv(self.out, header, self.rows)
         return self.out
 
 
@@ -113,8 +111,5 @@ class LabelPNGs:
     def finish(self) -> Path:
         """Write classes.csv (label value, class name); the folder of PNGs."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with (self.out_dir / "classes.csv").open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["label", "class"])
-            writer.writerows((index + 1, name) for index, name in enumerate(self.names))
+        write_csv(self.out_dir / "classes.csv", ["label", "class"], ((i + 1, name) for i, name in enumerate(self.names)))
         return self.out_dir
