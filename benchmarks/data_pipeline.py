@@ -5,7 +5,8 @@ Generates a folder of 500x375 JPEGs, then times whole passes over it in one proc
 (the rate of one DataLoader worker), after a warm-up pass. The passes are interleaved: every round
 times each pipeline once, in an order that rotates from round to round, so that a machine shared with
 other work slows every pipeline alike; the table gives the median rate over the rounds, and each ratio
-is the median of the per-round ratios. ``--stages`` adds where the time of one image goes in the
+is the median of the per-round ratios, by wall time and by the process's CPU time (the steadier of
+the two on a shared machine). ``--stages`` adds where the time of one image goes in the
 dat_paper pipelines (decode, crop + flip, RandAugment, to float + normalise + erasing).
 timm's PIL posterize at 0 bits (drawn at magnitude 10 by rand-m9-mstd0.5-inc1) raises in Pillow >= 12,
 so timm's RandAugment runs here with das-lab's posterize (``use_safe_posterize``), as das-lab's own
@@ -53,24 +54,26 @@ def make_jpegs(folder: Path, count: int) -> list[tuple[str, int]]:
     return samples
 
 
-def seconds_per_pass(dataset: Dataset) -> float:
-    """Wall time of one pass of a single-process DataLoader (batch 32) over ``dataset``."""
-    start = time.perf_counter()
+def seconds_per_pass(dataset: Dataset) -> tuple[float, float]:
+    """Wall and CPU time of one pass of a single-process DataLoader (batch 32) over ``dataset``."""
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in DataLoader(dataset, batch_size=32, num_workers=0):
         pass
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def interleaved_rates(pipelines: dict[str, Dataset], repeats: int) -> dict[str, list[float]]:
-    """Images/s of every pipeline in each of ``repeats`` rounds; each round times every pipeline once, order rotated."""
+def interleaved_rates(pipelines: dict[str, Dataset], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Images/s (by wall and by CPU time) of every pipeline in each of ``repeats`` rounds; each round
+    times every pipeline once, in an order rotated from round to round."""
     names = list(pipelines)
     for name in names:  # warm-up: file cache, lazy imports, allocator
         seconds_per_pass(pipelines[name])
-    rates: dict[str, list[float]] = {name: [] for name in names}
+    rates: dict[str, dict[str, list[float]]] = {clock: {name: [] for name in names} for clock in ("wall", "cpu")}
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            rates[name].append(len(pipelines[name]) / seconds_per_pass(pipelines[name]))
+            for clock, seconds in zip(("wall", "cpu"), seconds_per_pass(pipelines[name])):
+                rates[clock][name].append(len(pipelines[name]) / seconds)
     return rates
 
 
@@ -83,14 +86,14 @@ def median_ratio(rates: dict[str, list[float]], faster: str, slower: str) -> tup
 def _mean_ms(step: Callable[[Any], Any], inputs: list[Any]) -> tuple[float, list[Any]]:
     outputs, times = [], []
     for item in inputs:
-        start = time.perf_counter()
+        start = time.process_time()
         outputs.append(step(item))
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return 1e3 * sum(times) / len(times), outputs
 
 
 def stage_times(samples: list[tuple[str, int]], size: int) -> dict[str, list[float]]:
-    """Mean ms per image of each stage of the dat_paper pipelines, das-lab (tensor) and timm (PIL)."""
+    """Mean CPU ms per image of each stage of the dat_paper pipelines, das-lab (tensor) and timm (PIL)."""
     das = build_train_transform(size, DAT_PAPER).transforms
     timm_steps = use_safe_posterize(create_transform(size, is_training=True, **DAT_PAPER)).transforms
     paths = [path for path, _ in samples]
@@ -141,18 +144,21 @@ def main() -> None:
         }
         rates = interleaved_rates(pipelines, args.repeats)
         stages = stage_times(samples[: min(len(samples), 100)], args.size) if args.stages else {}
-    names = list(rates)
+    names = list(pipelines)
     width = max(map(len, names))
     print(f"{args.images} JPEGs 500x375 -> {args.size}px, one process, 1 thread, {args.repeats} interleaved rounds")
-    print(f"{'pipeline'.ljust(width)}  median img/s  (min - max)")
+    print(f"{'pipeline'.ljust(width)}  img/s by wall time: median (min - max)  |  by CPU time")
     for name in names:
-        print(f"{name.ljust(width)}  {statistics.median(rates[name]):8.1f}  ({min(rates[name]):.1f} - {max(rates[name]):.1f})")
+        wall, cpu = rates["wall"][name], rates["cpu"][name]
+        print(f"{name.ljust(width)}  {statistics.median(wall):7.1f} ({min(wall):.1f} - {max(wall):.1f})"
+              f"  |  {statistics.median(cpu):7.1f} ({min(cpu):.1f} - {max(cpu):.1f})")
     print()
     for label, (das, timm) in {"train dat_paper": (0, 1), "train basic": (2, 3), "eval": (4, 5)}.items():
-        ratio, low, high = median_ratio(rates, names[das], names[timm])
-        print(f"{label:16s} das-lab / timm: {ratio:.2f}x (per-round {low:.2f} - {high:.2f})")
+        for clock in ("wall", "cpu"):
+            ratio, low, high = median_ratio(rates[clock], names[das], names[timm])
+            print(f"{label:16s} das-lab / timm by {clock} time: {ratio:.2f}x (per-round {low:.2f} - {high:.2f})")
     if stages:
-        print("\ndat_paper, mean ms per image by stage (das-lab tensor | timm PIL):")
+        print("\ndat_paper, mean CPU ms per image by stage (das-lab tensor | timm PIL):")
         for stage, (das_ms, timm_ms) in stages.items():
             print(f"  {stage:28s} {das_ms:7.3f} | {timm_ms:7.3f}")
 

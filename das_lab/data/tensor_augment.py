@@ -200,6 +200,8 @@ def posterize(image: torch.Tensor, bits_to_keep: int, **_: Any) -> torch.Tensor:
 
 def solarize(image: torch.Tensor, thresh: int, **_: Any) -> torch.Tensor:
     """PIL's ``ImageOps.solarize``: levels at or above ``thresh`` are inverted (256 leaves the image alone)."""
+    if thresh > 255:
+        return image
     return image ^ (image >= thresh).to(torch.uint8).neg_()  # x ^ 255 == 255 - x; where() is slow on uint8
 
 
@@ -277,14 +279,14 @@ TENSOR_OPS: dict[str, Kernel] = {
 
 
 def augment_ops(transform: Any) -> Iterable[auto_augment.AugmentOp]:
-    """Every timm AugmentOp inside a transform: RandAugment's ops, AutoAugment's policies, AugMix's ops."""
+    """Every timm AugmentOp inside a transform (RandAugment, AutoAugment, AugMix, also inside a TimmPILTransform)."""
     if isinstance(transform, auto_augment.AugmentOp):
         yield transform
         return
     if isinstance(transform, (list, tuple)):
         children: list[Any] = list(transform)
     else:
-        children = [getattr(transform, name, ()) for name in ("transforms", "ops", "policy")]
+        children = [getattr(transform, name, ()) for name in ("transforms", "ops", "policy", "timm_transform")]
     for child in children:
         yield from augment_ops(child)
 
