@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
 from das_lab.data.image_io import ImageSampleDataset, read_rgb
-from das_lab.data.transforms import build_eval_transform, build_train_transform, use_safe_posterize
+from das_lab.data.transforms import TimmPILTransform, build_eval_transform, build_train_transform, use_safe_posterize
 
 BASIC = {"scale": [0.08, 1.0], "ratio": [0.75, 1.3333333], "hflip": 0.5, "interpolation": "bilinear"}
 DAT_PAPER = {
@@ -133,6 +133,9 @@ def main() -> None:
                 ImageSampleDataset(samples, build_train_transform(args.size, DAT_PAPER), False),
             "train dat_paper  timm: PIL + create_transform(same recipe)":
                 ImageFolder(tmp, transform=use_safe_posterize(create_transform(args.size, is_training=True, **DAT_PAPER))),
+            "train dat_paper  das-lab's PIL fallback (the path before tensor RandAugment)":
+                ImageSampleDataset(samples, TimmPILTransform(
+                    create_transform(args.size, is_training=True, **DAT_PAPER), "benchmark: the earlier dat_paper path"), False),
             "train basic      das-lab: torchvision.io decode + v2 crop/flip":
                 ImageSampleDataset(samples, build_train_transform(args.size, BASIC), False),
             "train basic      timm: PIL + create_transform(crop + flip only)":
@@ -153,10 +156,11 @@ def main() -> None:
         print(f"{name.ljust(width)}  {statistics.median(wall):7.1f} ({min(wall):.1f} - {max(wall):.1f})"
               f"  |  {statistics.median(cpu):7.1f} ({min(cpu):.1f} - {max(cpu):.1f})")
     print()
-    for label, (das, timm) in {"train dat_paper": (0, 1), "train basic": (2, 3), "eval": (4, 5)}.items():
+    pairs = {"train dat_paper": (0, 1), "dat_paper PIL fallback": (2, 1), "train basic": (3, 4), "eval": (5, 6)}
+    for label, (das, timm) in pairs.items():
         for clock in ("wall", "cpu"):
             ratio, low, high = median_ratio(rates[clock], names[das], names[timm])
-            print(f"{label:16s} das-lab / timm by {clock} time: {ratio:.2f}x (per-round {low:.2f} - {high:.2f})")
+            print(f"{label:22s} das-lab / timm by {clock} time: {ratio:.2f}x (per-round {low:.2f} - {high:.2f})")
     if stages:
         print("\ndat_paper, mean CPU ms per image by stage (das-lab tensor | timm PIL):")
         for stage, (das_ms, timm_ms) in stages.items():

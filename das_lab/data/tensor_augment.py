@@ -3,17 +3,18 @@
 timm's RandAugment / AutoAugment objects are built by timm itself (``rand_augment_transform``,
 ``auto_augment_transform``: op set, per-op probability, magnitude noise ``mstd``, clamp to
 [0, ``mmax`` or 10], level functions, ``img_mean`` fill, interpolation), so op choices and
-magnitudes are drawn exactly as timm draws them; ``use_tensor_kernels`` then points every op's
+magnitudes are drawn exactly as timm draws them; ``tensor_auto_augment`` then points every op's
 ``aug_fn`` at the kernel below that computes what timm's PIL op computes, on a uint8 tensor.
 
-Agreement with Pillow (tests/test_tensor_augment.py measures it op by op):
+Agreement with Pillow 13 (tests/test_tensor_augment.py measures it op by op):
 - identical: Invert, Posterize (0 bits is a black image, das-lab's rule), Solarize, SolarizeAdd,
-  AutoContrast, Equalize, Brightness, Sharpness, and the affine ops' fill region;
-- Color and Contrast: PIL's integer luma and blend truncation, float32 vs Pillow's float: a pixel
-  may differ by 1 level;
-- Rotate, Shear*, Translate*: ``grid_sample``'s bicubic kernel (a = -0.75) where Pillow's affine
-  transform uses a = -1, both truncating to uint8; the difference is a few levels on smooth
-  images and larger on pixel noise (bounded in the tests). Bilinear matches Pillow to 1 level.
+  AutoContrast, Equalize; Color, Contrast, Brightness, Sharpness (PIL's integer luma, rounded
+  smoothing filter and truncating blend) within 1 level, measured identical;
+- ShearX/Y, TranslateX/Y: Pillow's own affine kernels (cubic a = -1, bilinear) reduced to 1-D,
+  within 1 level (float32 against Pillow's double), the same fill region;
+- Rotate: ``grid_sample``; bilinear is Pillow's kernel (within 1 level), bicubic uses a = -0.75
+  where Pillow uses a = -1: a couple of levels on photo-like images, more on pixel noise; the same
+  fill region.
 """
 
 from __future__ import annotations
@@ -32,11 +33,7 @@ from torchvision.transforms.v2 import functional as F
 
 Kernel = Callable[..., torch.Tensor]
 
-_GRID_MODES = {
-    Image.Resampling.NEAREST: "nearest",
-    Image.Resampling.BILINEAR: "bilinear",
-    Image.Resampling.BICUBIC: "bicubic",
-}
+_GRID_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 
 
 def _grid_mode(resample: Any) -> str:
@@ -44,7 +41,7 @@ def _grid_mode(resample: Any) -> str:
     if isinstance(resample, (list, tuple)):
         resample = random.choice(resample)
     if resample not in _GRID_MODES:
-        raise ValueError(f"interpolation {resample!r}: the tensor augment ops support nearest, bilinear and bicubic")
+        raise ValueError(f"interpolation {resample!r}: the tensor augment ops support bilinear and bicubic")
     return _GRID_MODES[resample]
 
 
@@ -78,9 +75,7 @@ def _line_taps(fraction: torch.Tensor, mode: str) -> tuple[tuple[int, ...], list
         d = fraction
         d2, d3 = d * d, d * d * d
         return (-1, 0, 1, 2), [2 * d2 - d - d3, 1 - 2 * d2 + d3, d + d2 - d3, d3 - d2]
-    if mode == "bilinear":
-        return (0, 1), [1 - fraction, fraction]
-    return (0,), [torch.ones_like(fraction)]
+    return (0, 1), [1 - fraction, fraction]
 
 
 def shift_lines(
@@ -93,26 +88,26 @@ def shift_lines(
     if not along_x:
         return shift_lines(image.transpose(1, 2), offsets, True, resample, fillcolor).transpose(1, 2).contiguous()
     channels, height, width = image.shape
-    mode = _grid_mode(resample)
-    whole = torch.floor(offsets + 0.5) if mode == "nearest" else torch.floor(offsets)
-    taps, weights = _line_taps((offsets - whole).float(), mode)
+    whole = torch.floor(offsets)
+    taps, weights = _line_taps((offsets - whole).float(), _grid_mode(resample))
     # filtered[:, y, q + 1] = sum_t w_t(y) * image[:, y, clamp(q + t)] for q in -1 .. width - 1: every
     # start a sample inside the image can have (those outside take the fill colour below)
     padded = nnf.pad(image.float(), (2, 2), mode="replicate")
-    filtered = torch.zeros(channels, height, width + 1)
-    for tap, weight in zip(taps, weights):
+    filtered = padded[..., 1 + taps[0] : 2 + taps[0] + width] * weights[0][None, :, None]
+    for tap, weight in zip(taps[1:], weights[1:]):
         filtered.addcmul_(padded[..., 1 + tap : 2 + tap + width], weight[None, :, None])
+    filtered = filtered.clamp_(0, 255).to(torch.uint8)  # Pillow clips and truncates each sample
     columns = torch.arange(width)
     if bool((whole == whole[0]).all()):
-        start = (columns + (int(whole[0]) + 1)).clamp_(0, width)
-        shifted = filtered.index_select(2, start)
+        shifted = filtered.index_select(2, (columns + (int(whole[0]) + 1)).clamp_(0, width))
     else:
         start = (columns[None, :] + (whole.long() + 1)[:, None]).clamp_(0, width)
         shifted = filtered.gather(2, start.expand(channels, height, width))
     x_in = (columns.double() + 0.5)[None, :] + offsets[:, None]
     outside = (x_in < 0) | (x_in >= width)
-    fill = torch.tensor(fillcolor, dtype=torch.float32).view(-1, 1, 1)
-    return torch.where(outside, fill, shifted).clamp_(0, 255).to(torch.uint8)
+    for channel, value in enumerate(fillcolor):
+        shifted[channel].masked_fill_(outside, value)
+    return shifted
 
 
 def shear_x(image: torch.Tensor, factor: float, fillcolor: Sequence[int], resample: Any) -> torch.Tensor:
