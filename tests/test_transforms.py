@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,24 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
-from timm.data.auto_augment import RandAugment
+from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, RandAugment
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from das_lab.data.decode import decode_rgb
-from das_lab.data.transforms import TRAIN_AUGMENT_KEYS, augment_ops, build_eval_transform, build_train_transform, posterize
+from das_lab.data.tensor_augment import TENSOR_OPS, ColorJitter
+from das_lab.data.tensor_augment import posterize as tensor_posterize
+from das_lab.data.transforms import (
+    TRAIN_AUGMENT_KEYS,
+    TimmPILTransform,
+    augment_ops,
+    build_eval_transform,
+    build_train_transform,
+    posterize,
+)
 from das_lab.data.verify import compose_config
 from fake_datasets import DOG_BREEDS, make_stanford_dogs
 
@@ -54,15 +65,22 @@ def test_basic_and_das_recipes_run_on_uint8_tensors_without_pil() -> None:
         assert ops[0].scale == (0.08, 1.0)
 
 
-def test_dat_recipe_is_timm_randaugment_with_erasing_and_mixup() -> None:
+def test_dat_recipe_is_timm_randaugment_on_tensors_with_erasing_and_mixup() -> None:
+    """timm's order (crop, flip, RandAugment, to float, normalise, erase), no PIL, no colour jitter under RandAugment."""
     recipe = OmegaConf.load(CONF / "recipe" / "dat_paper.yaml")
     transform = build_train_transform(32, OmegaConf.to_container(recipe.data.train_augment))
     ops = _flatten(transform)
-    assert type(ops[0]) is v2.ToPILImage
-    rand_augment = next(op for op in ops if isinstance(op, RandAugment))
+    assert [type(op) for op in ops] == [
+        v2.RandomResizedCrop, v2.RandomHorizontalFlip, RandAugment, v2.ToDtype, v2.Normalize, RandomErasing
+    ]
+    assert ops[0].interpolation == v2.InterpolationMode.BICUBIC
+    rand_augment = ops[2]
     assert rand_augment.num_layers == 2 and rand_augment.ops[0].magnitude == 9 and rand_augment.ops[0].magnitude_std == 0.5
-    erasing = next(op for op in ops if isinstance(op, RandomErasing))
-    assert erasing.probability == 0.25 and erasing.mode == "pixel"
+    assert [op.name for op in rand_augment.ops] == _RAND_INCREASING_TRANSFORMS
+    assert all(op.aug_fn is TENSOR_OPS[op.name] and op.prob == 0.5 for op in rand_augment.ops)
+    assert rand_augment.ops[0].kwargs == {"fillcolor": (124, 116, 104), "resample": Image.Resampling.BICUBIC}
+    erasing = ops[5]
+    assert erasing.probability == 0.25 and erasing.mode == "pixel" and erasing.max_count == 1
     out = transform(torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8))
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     mixup = instantiate(OmegaConf.merge({"data": {"num_classes": 10}}, recipe).task.mixup)
@@ -111,11 +129,39 @@ def test_posterize_keeps_high_bits_and_zero_bits_is_black() -> None:
         assert black.mode == "RGB" and black.size == (7, 5) and not np.asarray(black).any()
 
 
-@pytest.mark.parametrize("auto_augment", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "v0r-mstd0.5", "augmix-m5-w3-d2"])
-def test_every_timm_augment_policy_posterizes_through_das_lab(auto_augment: str) -> None:
+@pytest.mark.parametrize(
+    ("auto_augment", "kernel"),
+    [("rand-m9-mstd0.5-inc1", tensor_posterize), ("rand-m9-mstd0.5", tensor_posterize), ("v0r-mstd0.5", tensor_posterize),
+     ("augmix-m5-w3-d2", posterize)],
+)
+def test_every_timm_augment_policy_posterizes_through_das_lab(auto_augment: str, kernel) -> None:
     transform = build_train_transform(8, {"auto_augment": auto_augment, "interpolation": "bicubic"})
     posterize_ops = [op for op in augment_ops(transform) if op.name.startswith("Posterize")]
-    assert posterize_ops and all(op.aug_fn is posterize for op in posterize_ops)
+    assert posterize_ops and all(op.aug_fn is kernel for op in posterize_ops)
+
+
+@pytest.mark.parametrize(
+    ("augment", "reason"),
+    [
+        ({"auto_augment": "augmix-m5-w3-d2"}, r"auto_augment='augmix-m5-w3-d2' is AugMix"),
+        ({"auto_augment": "rand-m9-t3a"}, r"ops without a tensor kernel: Desaturate, GaussianBlur"),
+        ({"color_jitter": [0.4, 0.4, 0.4, 0.1]}, r"jitters hue"),
+        ({"interpolation": "random", "auto_augment": "rand-m9"}, r"interpolation='random'"),
+    ],
+)
+def test_recipes_without_tensor_kernels_run_timm_pil_pipeline_and_say_why(augment: dict, reason: str, caplog) -> None:
+    with caplog.at_level("INFO", logger="das_lab.data.transforms"):
+        transform = build_train_transform(8, {"interpolation": "bicubic", **augment})
+    assert isinstance(transform, TimmPILTransform) and re.search(reason, transform.reason)
+    assert re.search(reason, caplog.text) and "running timm's PIL pipeline" in caplog.text
+    out = transform(torch.randint(0, 256, (3, 12, 10), dtype=torch.uint8))
+    assert out.shape == (3, 8, 8) and out.dtype == torch.float32
+
+
+def test_colour_jitter_without_auto_augment_runs_on_tensors() -> None:
+    ops = _flatten(build_train_transform(8, {"color_jitter": 0.4, "hflip": 0.5, "interpolation": "bilinear"}))
+    assert [type(op) for op in ops] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip, ColorJitter, v2.ToDtype, v2.Normalize]
+    assert ops[2].sampler.brightness == ops[2].sampler.saturation == (0.6, 1.4)
 
 
 def test_dat_recipe_posterize_at_magnitude_ten_is_a_black_image_not_an_error() -> None:
@@ -123,14 +169,12 @@ def test_dat_recipe_posterize_at_magnitude_ten_is_a_black_image_not_an_error() -
     augment = OmegaConf.to_container(OmegaConf.load(CONF / "recipe" / "dat_paper.yaml").data.train_augment)
     (op,) = [op for op in augment_ops(build_train_transform(8, augment)) if op.name.startswith("Posterize")]
     assert op.name == "PosterizeIncreasing" and op.level_fn(10, op.hparams) == (0,)
-    from PIL import Image
-
-    image = Image.fromarray(np.full((4, 4, 3), 200, dtype=np.uint8))
+    image = torch.full((3, 4, 4), 200, dtype=torch.uint8)
     random.seed(0)
-    outputs = [np.asarray(op(image)) for _ in range(3000)]
+    outputs = [op(image) for _ in range(3000)]
     black = sum(not out.any() for out in outputs)
     assert 20 <= black <= 120  # ~0.5 (op applied) * 0.023 (magnitude >= 10) * 3000 = 34
-    assert all(out.shape == (4, 4, 3) for out in outputs)
+    assert all(out.shape == (3, 4, 4) for out in outputs)
 
 
 def test_dat_recipe_train_pipeline_survives_zero_bit_posterize(tmp_path: Path) -> None:

@@ -1,29 +1,41 @@
-"""Train and eval transforms from a recipe's ``data.train_augment`` keys, fast where the recipe allows.
+"""Train and eval transforms from a recipe's ``data.train_augment`` keys, on uint8 tensors where timm's ops allow.
 
 ``train_augment`` holds keyword arguments of timm's ``create_transform`` (``scale``, ``ratio``,
 ``hflip``, ``vflip``, ``color_jitter``, ``auto_augment``, ``interpolation``, ``re_prob``,
 ``re_mode``, ``re_count``); ``conf/recipe/*.yaml`` set them. Inputs are the uint8 RGB tensors of
-``das_lab.data.decode``. A recipe of only random-resized-crop and flips runs as torchvision
-transforms v2 on those tensors (no PIL round trip); a recipe with colour jitter, RandAugment /
-AutoAugment or random erasing runs timm's own ``create_transform`` pipeline, so the recipe means
-exactly what it means in timm, with one exception: posterizing to 0 bits. timm's RandAugment
-asks Pillow for 0 bits at magnitude 10 (``PosterizeIncreasing``, reached by ``mstd`` noise around
-m9) and means a black image, which Pillow >= 12 refuses with a ValueError; das-lab's
-``posterize`` replaces timm's in every augment op of the pipeline and returns that black image
-itself, whatever Pillow is installed. Eval resizes the shorter side to ``image_size / crop_pct`` and
-centre-crops ``image_size`` (``crop_pct=0.875``: 256 -> 224).
+``das_lab.data.decode``. The training transform is the tensor pipeline whenever every part of the
+recipe has a tensor kernel: random-resized crop and flips as torchvision v2, RandAugment (any
+``rand-*`` string) and AutoAugment policies as timm's own op objects driving
+``das_lab.data.tensor_augment``'s kernels, colour jitter (brightness, contrast, saturation) with
+PIL's arithmetic, then normalisation and timm's ``RandomErasing`` on the float tensor: what timm's
+``create_transform`` does, in the same order, with the same parameter draws, without PIL.
+Recipes the tensor ops do not cover (AugMix, the '3a' ops, hue jitter, other interpolations) run
+``TimmPILTransform``: timm's own PIL pipeline, whose reason is logged once and kept in its repr.
+Posterizing to 0 bits is a black image on both paths: timm's RandAugment asks Pillow for 0 bits
+at magnitude 10 (``PosterizeIncreasing``, reached by ``mstd`` noise around m9), which Pillow >= 12
+refuses with a ValueError, so the PIL path's posterize ops use das-lab's ``posterize``. Eval
+resizes the shorter side to ``image_size / crop_pct`` and centre-crops ``image_size``
+(``crop_pct=0.875``: 256 -> 224).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageOps
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
+
+from das_lab.data.tensor_augment import ColorJitter, NoTensorKernel, augment_ops, tensor_auto_augment
+
+log = logging.getLogger(__name__)
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -52,19 +64,6 @@ def posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
     return ImageOps.posterize(image, bits_to_keep)
 
 
-def augment_ops(transform: Any) -> Iterator[auto_augment.AugmentOp]:
-    """Every timm AugmentOp inside a transform: RandAugment's ops, AutoAugment's policies, AugMix's ops."""
-    if isinstance(transform, auto_augment.AugmentOp):
-        yield transform
-        return
-    if isinstance(transform, (list, tuple)):
-        children: list[Any] = list(transform)
-    else:
-        children = [getattr(transform, name, ()) for name in ("transforms", "ops", "policy")]
-    for child in children:
-        yield from augment_ops(child)
-
-
 def use_safe_posterize(transform: Transform) -> Transform:
     """Point timm's posterize ops (Posterize, PosterizeIncreasing, PosterizeOriginal) at das-lab's ``posterize``."""
     for op in augment_ops(transform):
@@ -73,14 +72,53 @@ def use_safe_posterize(transform: Transform) -> Transform:
     return transform
 
 
-def uses_tensor_fast_path(augment: Mapping[str, Any]) -> bool:
-    """True when the recipe needs nothing beyond crop and flips, so v2 on uint8 tensors reproduces it."""
-    return (
-        not augment.get("color_jitter")
-        and not augment.get("auto_augment")
-        and not augment.get("re_prob")
-        and augment.get("interpolation", "bilinear") in _INTERPOLATIONS
-    )
+def auto_augment_hparams(image_size: int, interpolation: str, mean: tuple[float, ...]) -> dict[str, Any]:
+    """The hparams timm's ``create_transform`` gives its auto-augment ops: translate range, fill colour, interpolation."""
+    return {
+        "translate_const": int(image_size * 0.45),
+        "img_mean": tuple(min(255, round(255 * x)) for x in mean),
+        "interpolation": str_to_pil_interp(interpolation),
+    }
+
+
+def _colour_jitter_factors(color_jitter: Any) -> tuple[float, ...]:
+    if isinstance(color_jitter, (list, tuple)):
+        return tuple(float(x) for x in color_jitter)
+    return (float(color_jitter),) * 3
+
+
+def _tensor_colour_step(augment: Mapping[str, Any], image_size: int, mean: tuple[float, ...]) -> tuple[Optional[Transform], str]:
+    """The auto-augment or colour-jitter step of the tensor pipeline, or (None, why the tensor ops cannot run it)."""
+    interpolation = augment.get("interpolation", "bilinear")
+    if interpolation not in _INTERPOLATIONS:
+        return None, f"interpolation={interpolation!r} (the tensor pipeline has {sorted(_INTERPOLATIONS)})"
+    policy = augment.get("auto_augment")
+    if policy:
+        # timm switches colour jitter off under auto-augment (its '3a' ops, which keep it, run on PIL)
+        try:
+            return tensor_auto_augment(policy, auto_augment_hparams(image_size, interpolation, mean)), ""
+        except NoTensorKernel as error:
+            return None, str(error)
+    factors = _colour_jitter_factors(augment.get("color_jitter") or 0.0)
+    if len(factors) == 4 and factors[3]:
+        return None, f"color_jitter={list(factors)} jitters hue (the tensor pipeline has brightness, contrast, saturation)"
+    if not any(factors[:3]):
+        return None, ""
+    return ColorJitter(*factors[:3]), ""
+
+
+class TimmPILTransform:
+    """timm's own ``create_transform`` pipeline on a PIL copy of the tensor, for recipes the tensor ops do not cover."""
+
+    def __init__(self, timm_transform: Transform, reason: str) -> None:
+        self.timm_transform = use_safe_posterize(timm_transform)
+        self.reason = reason
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.timm_transform(F.to_pil_image(image))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(reason={self.reason!r}, transform={self.timm_transform!r})"
 
 
 def build_train_transform(
@@ -97,22 +135,30 @@ def build_train_transform(
         )
     scale = tuple(augment.get("scale") or (0.08, 1.0))
     ratio = tuple(augment.get("ratio") or (3 / 4, 4 / 3))
-    if uses_tensor_fast_path(augment):
-        ops: list[Any] = [
-            v2.RandomResizedCrop(
-                image_size, scale=scale, ratio=ratio,
-                interpolation=_interpolation(augment.get("interpolation", "bilinear")), antialias=True,
-            )
-        ]
-        if augment.get("hflip", 0.0) > 0:
-            ops.append(v2.RandomHorizontalFlip(augment["hflip"]))
-        if augment.get("vflip", 0.0) > 0:
-            ops.append(v2.RandomVerticalFlip(augment["vflip"]))
-        return v2.Compose(ops + _to_normalized_float(mean, std))
-    kwargs = {key: value for key, value in augment.items() if value is not None}
-    kwargs.update(scale=scale, ratio=ratio)
-    timm_transform = create_transform(image_size, is_training=True, mean=mean, std=std, **kwargs)
-    return v2.Compose([v2.ToPILImage(), use_safe_posterize(timm_transform)])
+    colour_step, fallback_reason = _tensor_colour_step(augment, image_size, mean)
+    if fallback_reason:
+        log.info("data.train_augment: %s; running timm's PIL pipeline", fallback_reason)
+        kwargs = {key: value for key, value in augment.items() if value is not None}
+        kwargs.update(scale=scale, ratio=ratio)
+        return TimmPILTransform(create_transform(image_size, is_training=True, mean=mean, std=std, **kwargs), fallback_reason)
+    ops: list[Any] = [
+        v2.RandomResizedCrop(
+            image_size, scale=scale, ratio=ratio,
+            interpolation=_interpolation(augment.get("interpolation", "bilinear")), antialias=True,
+        )
+    ]
+    if augment.get("hflip", 0.0) > 0:
+        ops.append(v2.RandomHorizontalFlip(augment["hflip"]))
+    if augment.get("vflip", 0.0) > 0:
+        ops.append(v2.RandomVerticalFlip(augment["vflip"]))
+    if colour_step is not None:
+        ops.append(colour_step)
+    ops += _to_normalized_float(mean, std)
+    if augment.get("re_prob", 0.0) > 0:
+        ops.append(
+            RandomErasing(augment["re_prob"], mode=augment.get("re_mode", "const"), max_count=augment.get("re_count", 1), device="cpu")
+        )
+    return v2.Compose(ops)
 
 
 def build_eval_transform(
