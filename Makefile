@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.das-lab-installed
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,15 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/das-lab train
 
+CODE := das_lab hydra_plugins tests benchmarks
+
 lint: $(STAMP)
-	$(BIN)/ruff check das_lab hydra_plugins tests benchmarks
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
+
+format: $(STAMP)
+	$(BIN)/ruff check --select I --fix $(CODE)
+	$(BIN)/ruff format $(CODE)
 
 test: lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup

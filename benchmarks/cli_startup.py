@@ -54,7 +54,9 @@ def help_seconds(repeats: int) -> list[float]:
 def help_imports() -> tuple[float, list[str]]:
     """Import time of das_lab.cli (s) and which heavy packages ``--help`` imports (``-X importtime``)."""
     code = "import sys; from das_lab.cli import main; main(['--help'])"
-    result = subprocess.run([sys.executable, "-X", "importtime", "-c", code], check=True, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code], check=True, capture_output=True, text=True
+    )
     imported = set()
     cli_us = 0
     for line in result.stderr.splitlines():
@@ -70,7 +72,10 @@ def help_imports() -> tuple[float, list[str]]:
 
 def first_step_seconds(repeats: int) -> list[tuple[float, float]]:
     """(seconds to the first training step, seconds for the whole run) of a tiny ``das-lab train``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+    }
     args = [DAS_LAB, "train", *TINY, "+callbacks.first_step._target_=cli_startup.FirstStepStamp"]
     results = []
     for _ in range(repeats):
@@ -92,14 +97,19 @@ def main() -> None:
     args = parser.parse_args()
     helps = help_seconds(args.repeats)
     cli_import, heavy = help_imports()
-    print(f"das-lab --help: median {statistics.median(helps):.2f} s (min {min(helps):.2f}, max {max(helps):.2f}, "
-          f"{args.repeats} runs); import das_lab.cli {cli_import * 1000:.0f} ms; "
-          f"heavy packages imported: {', '.join(heavy) or 'none'}", flush=True)
+    print(
+        f"das-lab --help: median {statistics.median(helps):.2f} s (min {min(helps):.2f}, max {max(helps):.2f}, "
+        f"{args.repeats} runs); import das_lab.cli {cli_import * 1000:.0f} ms; "
+        f"heavy packages imported: {', '.join(heavy) or 'none'}",
+        flush=True,
+    )
     runs = first_step_seconds(args.train_repeats)
     first = statistics.median(r[0] for r in runs)
     total = statistics.median(r[1] for r in runs)
-    print(f"das-lab train (tests' TINY digits run): first training step after {first:.1f} s, "
-          f"whole run {total:.1f} s (median of {args.train_repeats})")
+    print(
+        f"das-lab train (tests' TINY digits run): first training step after {first:.1f} s, "
+        f"whole run {total:.1f} s (median of {args.train_repeats})"
+    )
 
 
 if __name__ == "__main__":

@@ -25,11 +25,19 @@ from typing import Any, Callable
 import timm
 import torch
 from torch import nn
+from train_step import interleaved_seconds
 
 import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
 from das_lab.models.neighborhood_attention import NeighborhoodAttention2D
-from das_lab.profile import backward_step, example_input, forward_step, markdown_table, peak_memory_mib, resolve_device, synchronize
-from train_step import interleaved_seconds
+from das_lab.profile import (
+    backward_step,
+    example_input,
+    forward_step,
+    markdown_table,
+    peak_memory_mib,
+    resolve_device,
+    synchronize,
+)
 
 
 def build(name: str, attn_impl: str, device: torch.device, neighborhood_impl: str | None = None) -> nn.Module:
@@ -43,18 +51,24 @@ def build(name: str, attn_impl: str, device: torch.device, neighborhood_impl: st
     return model
 
 
-def paths(name: str, device: torch.device, x: torch.Tensor, modes: list[str]) -> dict[str, dict[str, Callable[[], None]]]:
+def paths(
+    name: str, device: torch.device, x: torch.Tensor, modes: list[str]
+) -> dict[str, dict[str, Callable[[], None]]]:
     """Per mode, the reference and fused steps (on CPU, training keeps reference neighborhood attention)."""
     steps = {}
     if "train" in modes:
         cpu = device.type == "cpu"
         fused_train = build(name, "fused", device, "reference" if cpu else None).train()
         fused_label = "fused (SDPA deformable; reference neighborhood: no CPU flex backward)" if cpu else "fused"
-        steps["train"] = {"reference": backward_step(build(name, "reference", device).train(), x, "fp32"),
-                          fused_label: backward_step(fused_train, x, "fp32")}
+        steps["train"] = {
+            "reference": backward_step(build(name, "reference", device).train(), x, "fp32"),
+            fused_label: backward_step(fused_train, x, "fp32"),
+        }
     if "inference" in modes:
-        steps["inference"] = {"reference": forward_step(build(name, "reference", device).eval(), x, "fp32"),
-                              "fused": forward_step(build(name, "fused", device).eval(), x, "fp32")}
+        steps["inference"] = {
+            "reference": forward_step(build(name, "reference", device).eval(), x, "fp32"),
+            "fused": forward_step(build(name, "fused", device).eval(), x, "fp32"),
+        }
     return steps
 
 
@@ -68,8 +82,10 @@ def measure(steps: dict[str, Callable[[], None]], device: torch.device, warmup: 
         synchronize(device)
         first[label] = time.perf_counter() - start
     seconds = interleaved_seconds(steps, device, warmup, repeats)
-    return {label: {"first_s": first[label], "median_s": seconds[label], "peak_mib": peak_memory_mib(step, device)}
-            for label, step in steps.items()}
+    return {
+        label: {"first_s": first[label], "median_s": seconds[label], "peak_mib": peak_memory_mib(step, device)}
+        for label, step in steps.items()
+    }
 
 
 def main() -> None:
@@ -85,18 +101,35 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     x = example_input((args.batch, 3, args.size, args.size), device)
-    results: dict[str, Any] = {"model": args.model, "batch": args.batch, "size": args.size, "device": str(device),
-                               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    results: dict[str, Any] = {
+        "model": args.model,
+        "batch": args.batch,
+        "size": args.size,
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     rows = []
     for mode, steps in paths(args.model, device, x, args.modes).items():
         results[mode] = measure(steps, device, args.warmup, args.repeats)
         print(f"  {mode}: {json.dumps(results[mode])}", flush=True)
         reference = results[mode]["reference"]
         for label, figures in results[mode].items():
-            rows.append([mode, label, figures["median_s"], figures["median_s"] / reference["median_s"], figures["peak_mib"],
-                         figures["peak_mib"] / reference["peak_mib"], figures["first_s"]])
-    print(f"{args.model} batch {args.batch} at {args.size} px on {device} (torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads)")
+            rows.append(
+                [
+                    mode,
+                    label,
+                    figures["median_s"],
+                    figures["median_s"] / reference["median_s"],
+                    figures["peak_mib"],
+                    figures["peak_mib"] / reference["peak_mib"],
+                    figures["first_s"],
+                ]
+            )
+    print(
+        f"{args.model} batch {args.batch} at {args.size} px on {device} (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads)"
+    )
     print(markdown_table(("mode", "path", "median s", "x reference", "peak MiB", "x reference", "first call s"), rows))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))

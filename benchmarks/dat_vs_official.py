@@ -73,15 +73,21 @@ def import_official_models(root: Path) -> types.ModuleType:
     """The official repository's ``models`` package, imported from ``root`` under a private name."""
     init = root / "models" / "__init__.py"
     if not init.is_file() or not (root / "configs" / "dat_tiny.yaml").is_file():
-        raise SystemExit(f"--official {root}: expected a copy of LeapLabTHU/DAT (models/__init__.py, configs/dat_tiny.yaml)")
+        raise SystemExit(
+            f"--official {root}: expected a copy of LeapLabTHU/DAT (models/__init__.py, configs/dat_tiny.yaml)"
+        )
     install_natten_stand_in()
-    spec = importlib.util.spec_from_file_location("official_dat_models", init, submodule_search_locations=[str(root / "models")])
+    spec = importlib.util.spec_from_file_location(
+        "official_dat_models", init, submodule_search_locations=[str(root / "models")]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
     except ModuleNotFoundError as error:
-        raise SystemExit(f"the official DAT code imports {error.name}, which is not installed: pip install {error.name}")
+        raise SystemExit(
+            f"the official DAT code imports {error.name}, which is not installed: pip install {error.name}"
+        )
     return module
 
 
@@ -154,21 +160,30 @@ def main() -> None:
     x = example_input((args.batch, 3, args.size, args.size), device)
     diff = max_logit_difference(ours, official, x)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"DAT-T++ forward+backward on {device} ({where}), batch {args.batch} at {args.size}px, fp32, train mode; "
-          f"{args.pairs} interleaved pairs after {args.warmup} warm-up; max |logit difference| (eval) {diff:.2e}",
-          flush=True)
-    steps = {"das-lab": backward_step(ours, x, "fp32"), "official (PyTorch NA stand-in)": backward_step(official, x, "fp32")}
+    print(
+        f"DAT-T++ forward+backward on {device} ({where}), batch {args.batch} at {args.size}px, fp32, train mode; "
+        f"{args.pairs} interleaved pairs after {args.warmup} warm-up; max |logit difference| (eval) {diff:.2e}",
+        flush=True,
+    )
+    steps = {
+        "das-lab": backward_step(ours, x, "fp32"),
+        "official (PyTorch NA stand-in)": backward_step(official, x, "fp32"),
+    }
     for step in steps.values():
         for _ in range(args.warmup):
             step()
     times = interleaved_pairs(steps, device, args.pairs)
     ours_t, official_t = times.values()
     ratios = [a / b for a, b in zip(ours_t, official_t)]
-    rows = [[name, 1000 * statistics.median(t), spread([1000 * s for s in t]), args.batch / statistics.median(t)]
-            for name, t in times.items()]
+    rows = [
+        [name, 1000 * statistics.median(t), spread([1000 * s for s in t]), args.batch / statistics.median(t)]
+        for name, t in times.items()
+    ]
     print(markdown_table(("model", "median ms", "spread ms", "img/s"), [measured(row) for row in rows], align="lrrr"))
-    print(f"\ntime ratio das-lab / official: median {statistics.median(ratios):.3f}, spread {spread(ratios)} "
-          f"over {len(ratios)} pairs")
+    print(
+        f"\ntime ratio das-lab / official: median {statistics.median(ratios):.3f}, spread {spread(ratios)} "
+        f"over {len(ratios)} pairs"
+    )
 
 
 if __name__ == "__main__":

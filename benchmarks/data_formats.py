@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import torch
+from data_pipeline import make_jpegs
 from hydra.utils import instantiate
 
-from data_pipeline import make_jpegs
 from das_lab.data.convert import main as convert_main
 from das_lab.data.verify import compose_config
 
@@ -27,11 +27,19 @@ FORMATS = ("folder", "litdata")
 
 def datamodule(root: Path, data_format: str, workers: int, size: int):
     """The imagenet datamodule on ``root`` in ``data_format``, set up."""
-    cfg = compose_config([
-        "data=imagenet", f"data.root={root}", f"data.format={data_format}", "data.num_classes=2",
-        f"data.image_size={size}", "data.batch_size=32", f"data.num_workers={workers}",
-        "data.persistent_workers=false", "data.pin_memory=false",
-    ])
+    cfg = compose_config(
+        [
+            "data=imagenet",
+            f"data.root={root}",
+            f"data.format={data_format}",
+            "data.num_classes=2",
+            f"data.image_size={size}",
+            "data.batch_size=32",
+            f"data.num_workers={workers}",
+            "data.persistent_workers=false",
+            "data.pin_memory=false",
+        ]
+    )
     module = instantiate(cfg.data)
     module.setup()
     return module
@@ -56,8 +64,20 @@ def main() -> None:
         folders, shards = Path(tmp) / "imagenet", Path(tmp) / "shards"
         make_jpegs(folders / "train", args.images)
         make_jpegs(folders / "val", 4)
-        assert convert_main(["data=imagenet", f"data.root={folders}", "data.num_classes=2", f"out={shards}",
-                             "num_workers=2", "chunk_bytes=8MB", f"hydra.run.dir={Path(tmp) / 'run'}"]) == 0
+        assert (
+            convert_main(
+                [
+                    "data=imagenet",
+                    f"data.root={folders}",
+                    "data.num_classes=2",
+                    f"out={shards}",
+                    "num_workers=2",
+                    "chunk_bytes=8MB",
+                    f"hydra.run.dir={Path(tmp) / 'run'}",
+                ]
+            )
+            == 0
+        )
         roots = {"folder": folders, "litdata": shards}
         rows = []
         for workers in (1, 2):

@@ -35,8 +35,16 @@ from das_lab.data.transforms import TimmPILTransform, build_eval_transform, buil
 
 BASIC = {"scale": [0.08, 1.0], "ratio": [0.75, 1.3333333], "hflip": 0.5, "interpolation": "bilinear"}
 DAT_PAPER = {
-    "scale": [0.08, 1.0], "ratio": [0.75, 1.3333333], "hflip": 0.5, "vflip": 0.0, "color_jitter": 0.4,
-    "auto_augment": "rand-m9-mstd0.5-inc1", "interpolation": "bicubic", "re_prob": 0.25, "re_mode": "pixel", "re_count": 1,
+    "scale": [0.08, 1.0],
+    "ratio": [0.75, 1.3333333],
+    "hflip": 0.5,
+    "vflip": 0.0,
+    "color_jitter": 0.4,
+    "auto_augment": "rand-m9-mstd0.5-inc1",
+    "interpolation": "bicubic",
+    "re_prob": 0.25,
+    "re_mode": "pixel",
+    "re_count": 1,
 }  # conf/recipe/dat_paper.yaml's data.train_augment
 
 
@@ -130,21 +138,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         samples = make_jpegs(Path(tmp), args.images)
         pipelines = {
-            "train dat_paper  das-lab: torchvision.io decode + tensor RandAugment/erasing":
-                ImageSampleDataset(samples, build_train_transform(args.size, DAT_PAPER), False),
-            "train dat_paper  timm: PIL + create_transform(same recipe)":
-                ImageFolder(tmp, transform=use_safe_posterize(create_transform(args.size, is_training=True, **DAT_PAPER))),
-            "train dat_paper  das-lab's PIL fallback (the path before tensor RandAugment)":
-                ImageSampleDataset(samples, TimmPILTransform(
-                    create_transform(args.size, is_training=True, **DAT_PAPER), "benchmark: the earlier dat_paper path"), False),
-            "train basic      das-lab: torchvision.io decode + v2 crop/flip":
-                ImageSampleDataset(samples, build_train_transform(args.size, BASIC), False),
-            "train basic      timm: PIL + create_transform(crop + flip only)":
-                ImageFolder(tmp, transform=create_transform(args.size, is_training=True, color_jitter=None, **BASIC)),
-            "eval             das-lab: torchvision.io decode + v2 resize/centre crop":
-                ImageSampleDataset(samples, build_eval_transform(args.size, 0.875, "bilinear"), False),
-            "eval             timm: PIL + create_transform(is_training=False)":
-                ImageFolder(tmp, transform=create_transform(args.size, is_training=False)),
+            "train dat_paper  das-lab: torchvision.io decode + tensor RandAugment/erasing": ImageSampleDataset(
+                samples, build_train_transform(args.size, DAT_PAPER), False
+            ),
+            "train dat_paper  timm: PIL + create_transform(same recipe)": ImageFolder(
+                tmp, transform=use_safe_posterize(create_transform(args.size, is_training=True, **DAT_PAPER))
+            ),
+            "train dat_paper  das-lab's PIL fallback (the path before tensor RandAugment)": ImageSampleDataset(
+                samples,
+                TimmPILTransform(
+                    create_transform(args.size, is_training=True, **DAT_PAPER), "benchmark: the earlier dat_paper path"
+                ),
+                False,
+            ),
+            "train basic      das-lab: torchvision.io decode + v2 crop/flip": ImageSampleDataset(
+                samples, build_train_transform(args.size, BASIC), False
+            ),
+            "train basic      timm: PIL + create_transform(crop + flip only)": ImageFolder(
+                tmp, transform=create_transform(args.size, is_training=True, color_jitter=None, **BASIC)
+            ),
+            "eval             das-lab: torchvision.io decode + v2 resize/centre crop": ImageSampleDataset(
+                samples, build_eval_transform(args.size, 0.875, "bilinear"), False
+            ),
+            "eval             timm: PIL + create_transform(is_training=False)": ImageFolder(
+                tmp, transform=create_transform(args.size, is_training=False)
+            ),
         }
         rates = interleaved_rates(pipelines, args.repeats)
         stages = stage_times(samples[: min(len(samples), 100)], args.size) if args.stages else {}
@@ -154,8 +172,10 @@ def main() -> None:
     print(f"{'pipeline'.ljust(width)}  img/s by wall time: median (min - max)  |  by CPU time")
     for name in names:
         wall, cpu = rates["wall"][name], rates["cpu"][name]
-        print(f"{name.ljust(width)}  {statistics.median(wall):7.1f} ({min(wall):.1f} - {max(wall):.1f})"
-              f"  |  {statistics.median(cpu):7.1f} ({min(cpu):.1f} - {max(cpu):.1f})")
+        print(
+            f"{name.ljust(width)}  {statistics.median(wall):7.1f} ({min(wall):.1f} - {max(wall):.1f})"
+            f"  |  {statistics.median(cpu):7.1f} ({min(cpu):.1f} - {max(cpu):.1f})"
+        )
     print()
     pairs = {"train dat_paper": (0, 1), "dat_paper PIL fallback": (2, 1), "train basic": (3, 4), "eval": (5, 6)}
     for label, (das, timm) in pairs.items():

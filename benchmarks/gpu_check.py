@@ -46,13 +46,13 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from train_step import interleaved_seconds, train_step
 
 import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
-from das_lab.utils.tables import markdown_table, measured
-from das_lab.utils.timing import autocast, peak_memory_mib, resolve_device, synchronize
 from das_lab.tasks.classification import ClassificationModule
 from das_lab.tasks.speed import apply_speed_options
-from train_step import interleaved_seconds, train_step
+from das_lab.utils.tables import markdown_table, measured
+from das_lab.utils.timing import autocast, peak_memory_mib, resolve_device, synchronize
 
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS.parent / "tests"))
@@ -80,10 +80,34 @@ class Sizes:
     e2e_images_per_class: int
 
 
-FULL = Sizes(batch=128, image=224, warmup=3, repeats=10, dat_model="dat_tiny", dat_batch=64, dat_image=224,
-             loop_model="das_resnet50", loop_steps=30, loop_rounds=3, e2e_model="das_resnet50", e2e_images_per_class=1000)
-QUICK = Sizes(batch=2, image=64, warmup=1, repeats=3, dat_model="dat_nano", dat_batch=4, dat_image=64,
-              loop_model="das_resnet_tiny", loop_steps=12, loop_rounds=3, e2e_model="das_resnet_tiny", e2e_images_per_class=48)
+FULL = Sizes(
+    batch=128,
+    image=224,
+    warmup=3,
+    repeats=10,
+    dat_model="dat_tiny",
+    dat_batch=64,
+    dat_image=224,
+    loop_model="das_resnet50",
+    loop_steps=30,
+    loop_rounds=3,
+    e2e_model="das_resnet50",
+    e2e_images_per_class=1000,
+)
+QUICK = Sizes(
+    batch=2,
+    image=64,
+    warmup=1,
+    repeats=3,
+    dat_model="dat_nano",
+    dat_batch=4,
+    dat_image=64,
+    loop_model="das_resnet_tiny",
+    loop_steps=12,
+    loop_rounds=3,
+    e2e_model="das_resnet_tiny",
+    e2e_images_per_class=48,
+)
 
 
 # ----------------------------------------------------------------------------- 1. DAS-ResNet-50 vs ResNet-50
@@ -95,9 +119,14 @@ def check_train_step_ratio(device: torch.device, sizes: Sizes, precision: str) -
     steps = {name: train_step(name, sizes.batch, sizes.image, device, precision, channels_last=True) for name in names}
     seconds = interleaved_seconds(steps, device, sizes.warmup, sizes.repeats)
     return {
-        "batch": sizes.batch, "image": sizes.image, "precision": precision, "channels_last": True,
-        "resnet50_ms": 1000 * seconds[names[0]], "das_resnet50_ms": 1000 * seconds[names[1]],
-        "ratio": seconds[names[1]] / seconds[names[0]], "goal": 1.15,
+        "batch": sizes.batch,
+        "image": sizes.image,
+        "precision": precision,
+        "channels_last": True,
+        "resnet50_ms": 1000 * seconds[names[0]],
+        "das_resnet50_ms": 1000 * seconds[names[1]],
+        "ratio": seconds[names[1]] / seconds[names[0]],
+        "goal": 1.15,
     }
 
 
@@ -111,22 +140,39 @@ NO_CPU_FUSED_TRAINING = "n/a on CPU: torch has no flex_attention backward there 
 
 def check_dat_paths(device: torch.device, sizes: Sizes, precision: str, compile_backend: str) -> dict[str, Any]:
     """Training img/s and peak memory of DAT++ on its reference kernels, fused kernels, and compiled (auto kernels)."""
-    results: dict[str, Any] = {"model": sizes.dat_model, "batch": sizes.dat_batch, "image": sizes.dat_image,
-                               "precision": precision, "compile_backend": compile_backend}
+    results: dict[str, Any] = {
+        "model": sizes.dat_model,
+        "batch": sizes.dat_batch,
+        "image": sizes.dat_image,
+        "precision": precision,
+        "compile_backend": compile_backend,
+    }
     for path, (attn_impl, compiled) in DAT_PATHS.items():
         if attn_impl == "fused" and device.type == "cpu":
             results[path] = {"skipped": NO_CPU_FUSED_TRAINING}
             continue
         torch.manual_seed(0)
-        step = train_step(sizes.dat_model, sizes.dat_batch, sizes.dat_image, device, precision, False, compiled,
-                          compile_backend, model_args={"attn_impl": attn_impl})
+        step = train_step(
+            sizes.dat_model,
+            sizes.dat_batch,
+            sizes.dat_image,
+            device,
+            precision,
+            False,
+            compiled,
+            compile_backend,
+            model_args={"attn_impl": attn_impl},
+        )
         start = time.perf_counter()
         step()  # the first step compiles
         synchronize(device)
         first_s = time.perf_counter() - start
         seconds = interleaved_seconds({path: step}, device, sizes.warmup, sizes.repeats)[path]
-        results[path] = {"img_s": sizes.dat_batch / seconds, "peak_mib": peak_memory_mib(step, device),
-                         "first_step_s": first_s}
+        results[path] = {
+            "img_s": sizes.dat_batch / seconds,
+            "peak_mib": peak_memory_mib(step, device),
+            "first_step_s": first_s,
+        }
         del step
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -144,13 +190,16 @@ class StepWindow(L.Callback):
         self.device = device
         self.start = self.end = 0.0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx == self.warmup:
             synchronize(self.device)
             self.start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         synchronize(self.device)
         self.end = time.perf_counter()
 
@@ -164,8 +213,14 @@ def in_memory_batches(sizes: Sizes, classes: int) -> DataLoader:
     return DataLoader(TensorDataset(images, targets), batch_size=sizes.batch, shuffle=False)
 
 
-def plain_loop(net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], batches: DataLoader,
-               device: torch.device, precision: str, warmup: int) -> float:
+def plain_loop(
+    net: nn.Module,
+    optimizer: Callable[..., torch.optim.Optimizer],
+    batches: DataLoader,
+    device: torch.device,
+    precision: str,
+    warmup: int,
+) -> float:
     """Seconds of a hand-written training loop over ``batches`` after ``warmup`` batches."""
     model = apply_speed_options(copy.deepcopy(net).to(device).train(), False, device.type == "cuda")
     opt = optimizer(model)
@@ -184,16 +239,31 @@ def plain_loop(net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], 
     return time.perf_counter() - start
 
 
-def lightning_loop(net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], batches: DataLoader,
-                   device: torch.device, precision: str, warmup: int) -> float:
+def lightning_loop(
+    net: nn.Module,
+    optimizer: Callable[..., torch.optim.Optimizer],
+    batches: DataLoader,
+    device: torch.device,
+    precision: str,
+    warmup: int,
+) -> float:
     """Seconds of das-lab's ClassificationModule under ``lightning.Trainer`` over the same batches."""
-    module = ClassificationModule(copy.deepcopy(net), optimizer, label_smoothing=0.1,
-                                  channels_last=device.type == "cuda")
+    module = ClassificationModule(
+        copy.deepcopy(net), optimizer, label_smoothing=0.1, channels_last=device.type == "cuda"
+    )
     window = StepWindow(warmup, device)
     trainer = L.Trainer(
-        accelerator=device.type, devices=1, precision=LIGHTNING_PRECISION[precision], max_epochs=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[window],
+        accelerator=device.type,
+        devices=1,
+        precision=LIGHTNING_PRECISION[precision],
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[window],
     )
     trainer.fit(module, train_dataloaders=batches)
     return window.end - window.start
@@ -213,9 +283,15 @@ def check_lightning_overhead(device: torch.device, sizes: Sizes, precision: str)
     timed = sizes.loop_steps - sizes.warmup
     plain, lightning = (statistics.median(times[name]) for name in loops)
     return {
-        "model": sizes.loop_model, "batch": sizes.batch, "image": sizes.image, "steps_timed": timed,
-        "plain_ms_per_step": 1000 * plain / timed, "lightning_ms_per_step": 1000 * lightning / timed,
-        "ratio": lightning / plain, "ratio_per_round": [b / a for a, b in zip(*times.values())], "goal": 1.05,
+        "model": sizes.loop_model,
+        "batch": sizes.batch,
+        "image": sizes.image,
+        "steps_timed": timed,
+        "plain_ms_per_step": 1000 * plain / timed,
+        "lightning_ms_per_step": 1000 * lightning / timed,
+        "ratio": lightning / plain,
+        "ratio_per_round": [b / a for a, b in zip(*times.values())],
+        "goal": 1.05,
     }
 
 
@@ -237,24 +313,36 @@ class LoaderWait(L.Callback):
         self.ends: list[float] = []
         self.images = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.starts.append(time.perf_counter())
         if batch_idx >= self.skip:
             self.images += len(batch[0])
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         synchronize(pl_module.device)
         self.ends.append(time.perf_counter())
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        starts, ends = self.starts[self.skip:], self.ends[self.skip:]
+        starts, ends = self.starts[self.skip :], self.ends[self.skip :]
         if len(starts) < 2:
             raise RuntimeError(f"LoaderWait: {len(self.starts)} training steps, need more than {self.skip + 1}")
         loop = ends[-1] - self.ends[self.skip - 1]
-        waits = sum(start - previous_end for start, previous_end in zip(starts, self.ends[self.skip - 1:]))
-        self.out.write_text(json.dumps({"steps": len(starts), "images": self.images, "seconds": loop,
-                                        "img_s": self.images / loop, "loader_wait_fraction": waits / loop}))
+        waits = sum(start - previous_end for start, previous_end in zip(starts, self.ends[self.skip - 1 :]))
+        self.out.write_text(
+            json.dumps(
+                {
+                    "steps": len(starts),
+                    "images": self.images,
+                    "seconds": loop,
+                    "img_s": self.images / loop,
+                    "loader_wait_fraction": waits / loop,
+                }
+            )
+        )
 
 
 def write_imagenet_folder(root: Path, per_class: int) -> Path:
@@ -272,27 +360,53 @@ def check_end_to_end(device: torch.device, sizes: Sizes, precision: str, workers
         root = write_imagenet_folder(Path(tmp) / "imagenet", sizes.e2e_images_per_class)
         result = Path(tmp) / "loader_wait.json"
         overrides = [
-            "data=imagenet", f"data.root={root}", f"data.num_classes={len(IMAGENET_WNIDS)}",
-            f"data.image_size={sizes.image}", f"data.batch_size={sizes.batch}", f"data.num_workers={workers}",
-            f"data.persistent_workers={workers > 0}", f"data.prefetch_factor={2 if workers else 'null'}",
+            "data=imagenet",
+            f"data.root={root}",
+            f"data.num_classes={len(IMAGENET_WNIDS)}",
+            f"data.image_size={sizes.image}",
+            f"data.batch_size={sizes.batch}",
+            f"data.num_workers={workers}",
+            f"data.persistent_workers={workers > 0}",
+            f"data.prefetch_factor={2 if workers else 'null'}",
             f"data.pin_memory={device.type == 'cuda'}",
-            f"model={sizes.e2e_model}", f"trainer.accelerator={device.type}",
-            f"trainer.precision={LIGHTNING_PRECISION[precision]}", f"task.channels_last={device.type == 'cuda'}",
-            "trainer.max_epochs=1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
-            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "test=false",
-            "logger=none", "callbacks=none", f"hydra.run.dir={Path(tmp) / 'run'}",
-            "+callbacks.loader_wait._target_=gpu_check.LoaderWait", f"+callbacks.loader_wait.out={result}",
+            f"model={sizes.e2e_model}",
+            f"trainer.accelerator={device.type}",
+            f"trainer.precision={LIGHTNING_PRECISION[precision]}",
+            f"task.channels_last={device.type == 'cuda'}",
+            "trainer.max_epochs=1",
+            "trainer.limit_val_batches=0",
+            "trainer.num_sanity_val_steps=0",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            "test=false",
+            "logger=none",
+            "callbacks=none",
+            f"hydra.run.dir={Path(tmp) / 'run'}",
+            "+callbacks.loader_wait._target_=gpu_check.LoaderWait",
+            f"+callbacks.loader_wait.out={result}",
         ]
         command = [str(Path(sys.executable).with_name("das-lab")), "train", *overrides]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(BENCHMARKS), os.environ.get("PYTHONPATH"))))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, (str(BENCHMARKS), os.environ.get("PYTHONPATH")))),
+        }
         start = time.perf_counter()
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if done.returncode != 0:
-            raise RuntimeError(f"das-lab train failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            raise RuntimeError(
+                f"das-lab train failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
         measured = json.loads(result.read_text())
-    return {"model": sizes.e2e_model, "batch": sizes.batch, "image": sizes.image, "workers": workers,
-            "train_images": sizes.e2e_images_per_class * len(IMAGENET_WNIDS), "command_wall_s": wall, **measured}
+    return {
+        "model": sizes.e2e_model,
+        "batch": sizes.batch,
+        "image": sizes.image,
+        "workers": workers,
+        "train_images": sizes.e2e_images_per_class * len(IMAGENET_WNIDS),
+        "command_wall_s": wall,
+        **measured,
+    }
 
 
 # ----------------------------------------------------------------------------- report
@@ -302,20 +416,45 @@ def table(results: dict[str, Any]) -> str:
     """The checks as one markdown table: check, figure, value, goal."""
     ratio, dat, loop, e2e = (results[k] for k in ("train_step_ratio", "dat_paths", "lightning_overhead", "end_to_end"))
     rows: list[list[Any]] = [
-        ["DAS-ResNet-50 / ResNet-50 train step", f"{ratio['das_resnet50_ms']:.1f} / {ratio['resnet50_ms']:.1f} ms",
-         ratio["ratio"], "<= 1.15"],
+        [
+            "DAS-ResNet-50 / ResNet-50 train step",
+            f"{ratio['das_resnet50_ms']:.1f} / {ratio['resnet50_ms']:.1f} ms",
+            ratio["ratio"],
+            "<= 1.15",
+        ],
     ]
-    for path, label in (("reference", "reference kernels"), ("fused", "fused kernels"),
-                        ("compiled", f"compiled, auto kernels ({dat['compile_backend']})")):
+    for path, label in (
+        ("reference", "reference kernels"),
+        ("fused", "fused kernels"),
+        ("compiled", f"compiled, auto kernels ({dat['compile_backend']})"),
+    ):
         if "skipped" in dat[path]:
             rows.append([f"{dat['model']} train, {label}", dat[path]["skipped"], None, "x reference"])
             continue
-        rows.append([f"{dat['model']} train, {label}", f"{dat[path]['img_s']:.1f} img/s, peak {dat[path]['peak_mib']:.0f} MiB",
-                     dat[path]["img_s"] / dat["reference"]["img_s"], "x reference"])
-    rows.append(["Lightning loop / plain loop", f"{loop['lightning_ms_per_step']:.1f} / {loop['plain_ms_per_step']:.1f} ms",
-                 loop["ratio"], "<= 1.05"])
-    rows.append([f"das-lab train end to end ({e2e['workers']} workers)", f"{e2e['img_s']:.1f} img/s",
-                 e2e["loader_wait_fraction"], "loader-wait share (0: compute-bound)"])
+        rows.append(
+            [
+                f"{dat['model']} train, {label}",
+                f"{dat[path]['img_s']:.1f} img/s, peak {dat[path]['peak_mib']:.0f} MiB",
+                dat[path]["img_s"] / dat["reference"]["img_s"],
+                "x reference",
+            ]
+        )
+    rows.append(
+        [
+            "Lightning loop / plain loop",
+            f"{loop['lightning_ms_per_step']:.1f} / {loop['plain_ms_per_step']:.1f} ms",
+            loop["ratio"],
+            "<= 1.05",
+        ]
+    )
+    rows.append(
+        [
+            f"das-lab train end to end ({e2e['workers']} workers)",
+            f"{e2e['img_s']:.1f} img/s",
+            e2e["loader_wait_fraction"],
+            "loader-wait share (0: compute-bound)",
+        ]
+    )
     return markdown_table(("check", "measured", "value", "goal / meaning"), [measured(row) for row in rows])
 
 
@@ -323,7 +462,9 @@ def machine(device: torch.device) -> dict[str, Optional[str | int]]:
     """What the figures were measured on."""
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
 
 
@@ -331,11 +472,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="toy sizes (minutes on a CPU)")
-    parser.add_argument("--precision", default=None, choices=sorted(LIGHTNING_PRECISION),
-                        help="default: bf16 on GPUs, fp32 on CPUs")
-    parser.add_argument("--workers", type=int, default=None, help="data loader workers for check 4 (default: min(8, CPUs))")
-    parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend of check 2 (as task.compile_backend; aot_eager: no code generation)")
+    parser.add_argument(
+        "--precision", default=None, choices=sorted(LIGHTNING_PRECISION), help="default: bf16 on GPUs, fp32 on CPUs"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="data loader workers for check 4 (default: min(8, CPUs))"
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of check 2 (as task.compile_backend; aot_eager: no code generation)",
+    )
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     args = parser.parse_args()
     device = resolve_device(args.device)

@@ -51,14 +51,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
-    print(f"one training step, batch {args.batch} x {args.size}px on {args.device}: memory beyond weights and batch (MiB)")
+    print(
+        f"one training step, batch {args.batch} x {args.size}px on {args.device}: memory beyond weights and batch (MiB)"
+    )
     print("| model | plain | checkpointed | reduction | step s (plain / checkpointed) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name in MODELS:
         plain, ckpt = (measure(name, flag, args.batch, args.size, args.device) for flag in (False, True))
         used = [m["after"] - m["before"] for m in (plain, ckpt)]
-        print(f"| {name} | {used[0]:.0f} | {used[1]:.0f} | {1 - used[1] / used[0]:.0%} | "
-              f"{plain['seconds']:.1f} / {ckpt['seconds']:.1f} |")
+        print(
+            f"| {name} | {used[0]:.0f} | {used[1]:.0f} | {1 - used[1] / used[0]:.0%} | "
+            f"{plain['seconds']:.1f} / {ckpt['seconds']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -15,17 +15,37 @@ import importlib
 import timm
 import torch
 
-from das_lab.utils.timing import example_input, forward_step, median_seconds
 from das_lab.utils.flops import count_gmacs, count_params
+from das_lab.utils.timing import example_input, forward_step, median_seconds
 
 MODULES = ("das_lab.models.das_resnet", "das_lab.models.das_mobilenet", "das_lab.models.dat")
 DEFAULT_MODELS = (
-    "daslab_resnet18", "das_resnet18", "se_resnet18", "cbam_resnet18", "eca_resnet18", "gc_resnet18",
-    "daslab_resnet34", "das_resnet34",
-    "daslab_resnet50", "das_resnet50", "se_resnet50", "cbam_resnet50", "eca_resnet50", "gc_resnet50",
-    "daslab_resnet101", "das_resnet101", "se_resnet101", "cbam_resnet101", "eca_resnet101", "gc_resnet101",
-    "das_mobilenet_v2", "resnet_tiny", "das_resnet_tiny",
-    "dat_tiny", "dat_small", "dat_base",
+    "daslab_resnet18",
+    "das_resnet18",
+    "se_resnet18",
+    "cbam_resnet18",
+    "eca_resnet18",
+    "gc_resnet18",
+    "daslab_resnet34",
+    "das_resnet34",
+    "daslab_resnet50",
+    "das_resnet50",
+    "se_resnet50",
+    "cbam_resnet50",
+    "eca_resnet50",
+    "gc_resnet50",
+    "daslab_resnet101",
+    "das_resnet101",
+    "se_resnet101",
+    "cbam_resnet101",
+    "eca_resnet101",
+    "gc_resnet101",
+    "das_mobilenet_v2",
+    "resnet_tiny",
+    "das_resnet_tiny",
+    "dat_tiny",
+    "dat_small",
+    "dat_base",
 )
 
 
@@ -48,7 +68,9 @@ def latency_ms(model: torch.nn.Module, image_size: int, batch: int, repeats: int
 def main() -> None:
     """Measure each requested model and print one markdown row per model."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=None, help="timm registry names (default: all das-lab backbones)")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="timm registry names (default: all das-lab backbones)"
+    )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)

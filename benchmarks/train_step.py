@@ -21,14 +21,21 @@ import torch
 import torch.nn.functional as F
 
 import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
+from das_lab.tasks.speed import apply_speed_options
 from das_lab.utils.tables import markdown_table, measured
 from das_lab.utils.timing import autocast, example_input, resolve_device, synchronize
-from das_lab.tasks.speed import apply_speed_options
 
 
 def train_step(
-    name: str, batch: int, size: int, device: torch.device, precision: str, channels_last: bool,
-    compile: bool = False, compile_backend: str = "inductor", model_args: dict[str, Any] | None = None,
+    name: str,
+    batch: int,
+    size: int,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    compile: bool = False,
+    compile_backend: str = "inductor",
+    model_args: dict[str, Any] | None = None,
 ) -> Callable[[], None]:
     """One full optimisation step of ``name`` (1000 classes, constructor ``model_args``) on fixed random data.
 
@@ -50,7 +57,9 @@ def train_step(
     return step
 
 
-def interleaved_seconds(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+def interleaved_seconds(
+    steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, float]:
     """Median seconds per step of each model, timing the models in turn after ``warmup`` steps each."""
     for step in steps.values():
         for _ in range(warmup):
@@ -82,19 +91,26 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     batch = args.batch or (64 if on_gpu else 8)
     size = args.size or (224 if on_gpu else 128)
-    print(f"train step on {device} ({torch.cuda.get_device_name(device) if on_gpu else f'{torch.get_num_threads()} threads'}), "
-          f"batch {batch} at {size}px, {args.precision}{', channels_last' if args.channels_last else ''}"
-          f"{', compiled' if args.compile else ''}; "
-          f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
+    print(
+        f"train step on {device} ({torch.cuda.get_device_name(device) if on_gpu else f'{torch.get_num_threads()} threads'}), "
+        f"batch {batch} at {size}px, {args.precision}{', channels_last' if args.channels_last else ''}"
+        f"{', compiled' if args.compile else ''}; "
+        f"median of {args.repeats} after {args.warmup} warm-up",
+        flush=True,
+    )
     steps = {
-        name: train_step(name, batch, size, device, args.precision, args.channels_last, args.compile) for name in args.models
+        name: train_step(name, batch, size, device, args.precision, args.channels_last, args.compile)
+        for name in args.models
     }
     seconds = interleaved_seconds(steps, device, args.warmup, args.repeats)
     reference = seconds[args.models[0]]
-    print(markdown_table(
-        ("model", "ms/step", "img/s", f"time x {args.models[0]}"),
-        [measured([name, 1000 * s, batch / s, s / reference]) for name, s in seconds.items()], align="lrrr",
-    ))
+    print(
+        markdown_table(
+            ("model", "ms/step", "img/s", f"time x {args.models[0]}"),
+            [measured([name, 1000 * s, batch / s, s / reference]) for name, s in seconds.items()],
+            align="lrrr",
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -17,16 +17,27 @@ from das_lab.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("das_lab.cli:train_main", "train a model (Hydra overrides, +experiment=NAME, -m for sweeps)"),
     "eval": ("das_lab.cli:eval_main", "evaluate a checkpoint: das-lab eval ckpt_path=PATH"),
-    "data": ("das_lab.cli:data_main", "check a dataset, or convert it to streamed shards: das-lab data verify|convert data=NAME ..."),
+    "data": (
+        "das_lab.cli:data_main",
+        "check a dataset, or convert it to streamed shards: das-lab data verify|convert data=NAME ...",
+    ),
     "profile": ("das_lab.profile:main", "params, GFLOPs, throughput and memory of models: das-lab profile model=NAME"),
     "report": ("das_lab.report:main", "table and plots of a sweep: das-lab report multirun/DATE/TIME"),
-    "visualize": ("das_lab.visualize:main", "attention maps of a checkpoint: das-lab visualize ckpt_path=PATH images=[...]"),
-    "export": ("das_lab.export:main", "a checkpoint as a timm folder or ONNX: das-lab export ckpt_path=PATH format=timm out=DIR"),
-    "predict": ("das_lab.predict:main", "label your images: das-lab predict ckpt_path=PATH|export=DIR inputs=DIR|FILE|GLOB"),
+    "visualize": (
+        "das_lab.visualize:main",
+        "attention maps of a checkpoint: das-lab visualize ckpt_path=PATH images=[...]",
+    ),
+    "export": (
+        "das_lab.export:main",
+        "a checkpoint as a timm folder or ONNX: das-lab export ckpt_path=PATH format=timm out=DIR",
+    ),
+    "predict": (
+        "das_lab.predict:main",
+        "label your images: das-lab predict ckpt_path=PATH|export=DIR inputs=DIR|FILE|GLOB",
+    ),
 }
 
 USAGE = "usage: das-lab <command> [arguments]   (das-lab <command> --help for its options)"
-
 
 
 def run_stamp(now: str) -> str:

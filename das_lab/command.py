@@ -295,10 +295,12 @@ class RunFolderGuard(Callback):
             log.warning("overwrite=true: removing the earlier run in %s", folder)
             shutil.rmtree(folder)
             return folder
-        raise Stop(RunFolderError(
-            f"{folder} already holds a run; resume it with ckpt_path=last, replace it with overwrite=true, "
-            f"or train into a new folder (drop hydra.run.dir)"
-        ))
+        raise Stop(
+            RunFolderError(
+                f"{folder} already holds a run; resume it with ckpt_path=last, replace it with overwrite=true, "
+                f"or train into a new folder (drop hydra.run.dir)"
+            )
+        )
 
 
 def probe_writable(folder: Path, key: str) -> None:
@@ -310,15 +312,15 @@ def probe_writable(folder: Path, key: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise Stop(RunFolderError(
-            f"cannot write the run folder {folder} ({error.strerror}); choose a writable place with "
-            f"{key}=DIR or the environment variable DAS_LAB_LOGS=DIR"
-        )) from error
+        raise Stop(
+            RunFolderError(
+                f"cannot write the run folder {folder} ({error.strerror}); choose a writable place with "
+                f"{key}=DIR or the environment variable DAS_LAB_LOGS=DIR"
+            )
+        ) from error
 
 
-def run_command(
-    task: Callable[[DictConfig, Run], Outcome], config_name: str, command: str, args: Sequence[str]
-) -> int:
+def run_command(task: Callable[[DictConfig, Run], Outcome], config_name: str, command: str, args: Sequence[str]) -> int:
     """Run ``task`` as a Hydra app on das-lab's configs with ``args`` as its command line; the exit status.
 
     ``sys.argv`` stays the real command line (``das-lab train ...``): Lightning's DDP launcher
@@ -394,8 +396,10 @@ def record_dead_job(job_dir: Path, overrides: list[str], returncode: int) -> str
         died = f"killed by {signal.Signals(-returncode).name}"
     else:
         died = f"exited with status {returncode} without reporting a result"
-    error = JobDied(f"the job's process was {died} (a segfault, kill -9 or the out-of-memory killer); "
-                    f"its last output is in the sweep's log")
+    error = JobDied(
+        f"the job's process was {died} (a segfault, kill -9 or the out-of-memory killer); "
+        f"its last output is in the sweep's log"
+    )
     record = RunRecord(job_dir, overrides)
     if not record.metrics_path.is_file():  # else the job wrote its own record (completed, interrupted) first
         record.failed(error)

@@ -50,7 +50,9 @@ def check_config(cfg: DictConfig, overrides: Sequence[str], choices: Mapping[str
     if missing:
         names = ", ".join(f"'{key}'" for key in missing)
         hint = " ".join(f"{key}=VALUE" for key in missing)
-        raise ConfigError(f"missing required value{'s' if len(missing) > 1 else ''} {names}: pass {hint} on the command line")
+        raise ConfigError(
+            f"missing required value{'s' if len(missing) > 1 else ''} {names}: pass {hint} on the command line"
+        )
     _check_added_keys(cfg, overrides, choices)
     _check_targets(cfg, "")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from das_lab.callbacks.skipped_images import SkippedImagesReport
 from das_lab.command import Outcome, Run
 from das_lab.errors import ConfigError
 from das_lab.pipeline import instantiate_group, model_cost, restore_checkpoint, scalar_metrics
@@ -29,7 +30,7 @@ def evaluate(cfg: DictConfig, run: Run) -> Outcome:
     run.record.params, run.record.gflops = model_cost(restored.net, restored.module, restored.flops_image_size)
     run.record.declared = metric_declarations(task_metrics(restored.module))
     run.loggers = instantiate_group(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, logger=run.loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=[SkippedImagesReport()], logger=run.loggers or False)
     run.start()
     final: dict[str, float] = {}
     for split in splits:

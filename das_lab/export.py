@@ -66,10 +66,18 @@ def write_timm_folder(net: nn.Module, datamodule: Any, label_names: list[str], o
     from timm.models import save_for_hf
 
     # the config's lists arrive as OmegaConf containers: config.json needs plain values
-    model_args = {key: OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
-                  for key, value in getattr(net, "_model_args", {}).items()}
-    save_for_hf(net, str(out_dir), model_config={"label_names": label_names}, model_args=model_args,
-                data_config=datamodule.eval_data_config(), safe_serialization=True)
+    model_args = {
+        key: OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+        for key, value in getattr(net, "_model_args", {}).items()
+    }
+    save_for_hf(
+        net,
+        str(out_dir),
+        model_config={"label_names": label_names},
+        model_args=model_args,
+        data_config=datamodule.eval_data_config(),
+        safe_serialization=True,
+    )
     return json.loads((out_dir / "config.json").read_text())["pretrained_cfg"]
 
 
@@ -92,8 +100,14 @@ def write_onnx(net: nn.Module, inputs: torch.Tensor, path: Path, opset: int) -> 
     """ONNX through torch's dynamo exporter, batch axis dynamic (DeformConv needs opset 19)."""
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
-        net, (inputs,), dynamo=True, opset_version=opset, input_names=["images"], output_names=["logits"],
-        dynamic_shapes=({0: batch},), verbose=False,
+        net,
+        (inputs,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch},),
+        verbose=False,
     )
     program.save(str(path))
 
@@ -117,8 +131,10 @@ def export(cfg: DictConfig, run: Run) -> Outcome:
         raise ConfigError(f"format={cfg.format}: unknown export format; choose from {', '.join(FORMATS)}")
     if cfg.push_to_hub:
         if cfg.format != "timm":
-            raise ConfigError(f"push_to_hub uploads timm folders; drop push_to_hub or export with format=timm "
-                              f"(not format={cfg.format})")
+            raise ConfigError(
+                f"push_to_hub uploads timm folders; drop push_to_hub or export with format=timm "
+                f"(not format={cfg.format})"
+            )
         check_repo_id(cfg.push_to_hub)
     if cfg.format == "onnx":
         try:
@@ -135,8 +151,13 @@ def export(cfg: DictConfig, run: Run) -> Outcome:
     input_size = datamodule.eval_data_config()["input_size"]
     if cfg.format == "timm":
         pretrained_cfg = write_timm_folder(net, datamodule, restored.class_names(net.num_classes), out_dir)
-        card = model_card(out_dir, net.pretrained_cfg["architecture"], pretrained_cfg,
-                          OmegaConf.to_container(restored.data, resolve=True), cfg.ckpt_path)
+        card = model_card(
+            out_dir,
+            net.pretrained_cfg["architecture"],
+            pretrained_cfg,
+            OmegaConf.to_container(restored.data, resolve=True),
+            cfg.ckpt_path,
+        )
         (out_dir / "README.md").write_text(card)
         diff = check_timm_folder(net, out_dir, sample_batch(input_size, 2))
         print(f"timm folder {out_dir}: weights equal, max |diff| of outputs {diff:.3g}")

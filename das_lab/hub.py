@@ -41,8 +41,9 @@ def push_folder(folder: Path, repo_id: str, private: bool) -> str:
     upload_later = f"the export stays in {folder}; upload it later with `hf upload {repo_id} {folder} .`"
     token = get_token()
     if token is None:
-        raise HubError(f"push_to_hub={repo_id} needs a Hugging Face token: set HF_TOKEN or run `hf auth login`; "
-                       f"{upload_later}")
+        raise HubError(
+            f"push_to_hub={repo_id} needs a Hugging Face token: set HF_TOKEN or run `hf auth login`; {upload_later}"
+        )
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)

@@ -158,7 +158,9 @@ class WandbLogger(LightningWandbLogger):
                 self.experiment.summary.update(summary)
 
 
-def close_loggers(loggers: Sequence[Logger], failed: bool, best: Optional[Mapping[str, Optional[float]]] = None) -> None:
+def close_loggers(
+    loggers: Sequence[Logger], failed: bool, best: Optional[Mapping[str, Optional[float]]] = None
+) -> None:
     """Finish every W&B run of a job (exit code 1 when it failed) so the next job of a sweep starts its own.
 
     ``best`` (metrics.json's best values) goes to each run's summary as ``best/<metric>``, so W&B's run
@@ -189,7 +191,9 @@ class WandbIdInCheckpoint(Callback):
             checkpoint[WANDB_ID_KEY] = self.loggers[0].version
 
 
-def with_resumed_wandb_id(logger_cfg: Optional[DictConfig], checkpoint: Optional[Mapping[str, Any]]) -> Optional[DictConfig]:
+def with_resumed_wandb_id(
+    logger_cfg: Optional[DictConfig], checkpoint: Optional[Mapping[str, Any]]
+) -> Optional[DictConfig]:
     """The logger config with the checkpoint's W&B run id filled in where ``logger.wandb.id`` is unset."""
     run_id = (checkpoint or {}).get(WANDB_ID_KEY)
     if logger_cfg is None or run_id is None or logger_cfg.get("wandb") is None or logger_cfg.wandb.get("id"):

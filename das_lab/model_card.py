@@ -31,7 +31,11 @@ def _metric_rows(metrics: dict[str, Any]) -> list[str]:
         split, _, short = name.partition("/")
         values = [f"{v:.4f}" if isinstance(v, (int, float)) else "n/a" for v in (final.get(name), best.get(name))]
         rows.append([short or name, split if short else "n/a", *values])
-    return [markdown_table(["metric", "split", "final", "best"], rows)] if rows else ["No metrics were recorded for this run."]
+    return (
+        [markdown_table(["metric", "split", "final", "best"], rows)]
+        if rows
+        else ["No metrics were recorded for this run."]
+    )
 
 
 def _recipe_lines(run_dir: Optional[Path]) -> list[str]:
@@ -58,8 +62,11 @@ def _provenance_lines(run_info: dict[str, Any]) -> list[str]:
     git = run_info.get("git") or {}
     commit = git.get("commit")
     lines = [f"- das-lab version: {packages.get('das-lab', 'unknown')}"]
-    lines.append(f"- git commit: {commit}{' (with uncommitted changes, see git.diff)' if git.get('dirty') else ''}"
-                 if commit else "- git commit: unknown (das-lab was not run from a git checkout)")
+    lines.append(
+        f"- git commit: {commit}{' (with uncommitted changes, see git.diff)' if git.get('dirty') else ''}"
+        if commit
+        else "- git commit: unknown (das-lab was not run from a git checkout)"
+    )
     lines += [f"- {name}: {packages[name]}" for name in ("torch", "timm", "lightning") if packages.get(name)]
     return lines
 
@@ -87,8 +94,11 @@ def model_card(
     gflops = metrics.get("gflops")
     size = pretrained_cfg.get("input_size", ("?", "?", "?"))
     overrides = " ".join(shlex.quote(o) for o in metrics.get("overrides", []))
-    data = {key: value for key, value in data_cfg.items() if key not in ("batch_size", "num_workers", "pin_memory",
-                                                                         "persistent_workers", "prefetch_factor")}
+    data = {
+        key: value
+        for key, value in data_cfg.items()
+        if key not in ("batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
+    }
     lines = [
         "---",
         "library_name: timm",

@@ -36,8 +36,10 @@ STORED_GROUPS = ("data", "model", "task", "optimizer", "scheduler")
 
 def stored_config(cfg: DictConfig) -> dict[str, Any]:
     """The part of a run's config that describes the model and its data, fully resolved."""
-    stored = {key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
-              for key in STORED_GROUPS}
+    stored = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
+        for key in STORED_GROUPS
+    }
     stored["flops_image_size"] = cfg.get("flops_image_size")
     return stored
 
@@ -86,9 +88,7 @@ def scalar_metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> dict[str, O
     metrics = {
         name: float(value)
         for name, value in sorted(trainer.callback_metrics.items())
-        if name.startswith(prefixes)
-        and not name.endswith(("_step", "_epoch"))
-        and torch.as_tensor(value).numel() == 1
+        if name.startswith(prefixes) and not name.endswith(("_step", "_epoch")) and torch.as_tensor(value).numel() == 1
     }
     return {name: None if math.isnan(value) else value for name, value in metrics.items()}
 
@@ -96,8 +96,10 @@ def scalar_metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> dict[str, O
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A das-lab checkpoint as a dict; a missing, truncated or pickled file is a clear error."""
     checkpoint = read_torch_file(
-        path, "checkpoint", "check ckpt_path: das-lab reads the checkpoints `das-lab train` writes (runs keep theirs "
-        "in <run>/checkpoints/); use init_from=<file> for plain weights"
+        path,
+        "checkpoint",
+        "check ckpt_path: das-lab reads the checkpoints `das-lab train` writes (runs keep theirs "
+        "in <run>/checkpoints/); use init_from=<file> for plain weights",
     )
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
@@ -108,7 +110,9 @@ def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any],
     """Fail before training or evaluating when a checkpoint was made for another network."""
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict'); use init_from=<file> for plain weights")
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint (no 'state_dict'); use init_from=<file> for plain weights"
+        )
     report = compare_state_dicts(module.state_dict(), state, str(path))
     if not report.clean:
         raise WeightsMismatchError(report)
@@ -171,5 +175,6 @@ def restore_checkpoint(ckpt_path: str | Path, data_replacements: Optional[DictCo
                 f"drop data.{key} (replaceable here: {', '.join(k for k in data_replacements if k in data_cfg)})"
             )
         data_cfg[key] = value
-    return Restored(data_cfg, net, module, stored.get("flops_image_size", data_cfg.get("image_size")),
-                    checkpoint.get(CLASSES_KEY))
+    return Restored(
+        data_cfg, net, module, stored.get("flops_image_size", data_cfg.get("image_size")), checkpoint.get(CLASSES_KEY)
+    )

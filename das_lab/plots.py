@@ -126,8 +126,12 @@ def _sampling_blocks(net: nn.Module, batch: Tensor) -> list[tuple[str, Tensor, T
     """Each deformable block's sampling for a batch of one, with its stage's feature-map size."""
     features, samplings = net.forward_sampling(batch)
     return [
-        (f"stage {s.stage + 1} block {s.block}", s.pos[0].float().cpu(), s.reference[0].float().cpu(),
-         tuple(features[s.stage].shape[-2:]))
+        (
+            f"stage {s.stage + 1} block {s.block}",
+            s.pos[0].float().cpu(),
+            s.reference[0].float().cpu(),
+            tuple(features[s.stage].shape[-2:]),
+        )
         for s in samplings
     ]
 

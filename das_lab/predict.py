@@ -77,8 +77,10 @@ def output_names(files: Sequence[Path]) -> dict[Path, Path]:
     names = {path: path.absolute().relative_to(root).with_suffix(".png") for path in files}
     clashing = sorted(str(name) for name, count in Counter(names.values()).items() if count > 1)
     if clashing:
-        raise ConfigError(f"inputs: several files would be written as {clashing[0]} (they differ only in their "
-                          "suffix); give inputs a glob that picks one of them, e.g. inputs='photos/*.jpg'")
+        raise ConfigError(
+            f"inputs: several files would be written as {clashing[0]} (they differ only in their "
+            "suffix); give inputs a glob that picks one of them, e.g. inputs='photos/*.jpg'"
+        )
     return names
 
 
@@ -98,9 +100,7 @@ def from_export(folder: str) -> tuple[nn.Module, Transform, list[str]]:
     from das_lab.data.transforms import build_eval_transform
 
     if not (Path(folder).expanduser() / "config.json").is_file():
-        raise ConfigError(
-            f"export={folder} has no config.json: give a folder written by das-lab export format=timm"
-        )
+        raise ConfigError(f"export={folder} has no config.json: give a folder written by das-lab export format=timm")
     net = timm.create_model(f"local-dir:{Path(folder).expanduser()}", pretrained=True).eval()
     cfg = net.pretrained_cfg
     transform = build_eval_transform(
@@ -113,7 +113,9 @@ def from_export(folder: str) -> tuple[nn.Module, Transform, list[str]]:
     return net, transform, names
 
 
-def writer_for_checkpoint(cfg: DictConfig, run: Run, files: Sequence[Path]) -> tuple[Writer, Optional[Transform], nn.Module]:
+def writer_for_checkpoint(
+    cfg: DictConfig, run: Run, files: Sequence[Path]
+) -> tuple[Writer, Optional[Transform], nn.Module]:
     """The writer of the checkpoint's task, the transform its inputs need and the model to move to the device."""
     from hydra.utils import instantiate
 
@@ -125,8 +127,10 @@ def writer_for_checkpoint(cfg: DictConfig, run: Run, files: Sequence[Path]) -> t
     restored = restore_checkpoint(cfg.ckpt_path)
     module = restored.module.eval()
     if cfg.boxes_dir and not isinstance(module, DetectionModule):
-        raise ConfigError(f"boxes_dir={cfg.boxes_dir}: boxes are drawn for detection checkpoints; "
-                          f"{cfg.ckpt_path} holds a {type(module).__name__}, drop boxes_dir")
+        raise ConfigError(
+            f"boxes_dir={cfg.boxes_dir}: boxes are drawn for detection checkpoints; "
+            f"{cfg.ckpt_path} holds a {type(module).__name__}, drop boxes_dir"
+        )
     if isinstance(module, ClassificationModule):
         names = restored.class_names(restored.net.num_classes)
         writer: Writer = ClassesCSV(restored.net, names, cfg.topk, out_path(cfg, run, "predictions.csv"))
@@ -145,8 +149,10 @@ def writer_for_checkpoint(cfg: DictConfig, run: Run, files: Sequence[Path]) -> t
         folder = out_path(cfg, run, "predictions")
         labels = {path: folder / name for path, name in output_names(files).items()}
         return LabelPNGs(module, names, folder, labels), normalize, module
-    raise ConfigError(f"{cfg.ckpt_path} holds a {type(module).__name__}; das-lab predict takes classification, "
-                      "detection and segmentation checkpoints")
+    raise ConfigError(
+        f"{cfg.ckpt_path} holds a {type(module).__name__}; das-lab predict takes classification, "
+        "detection and segmentation checkpoints"
+    )
 
 
 def out_path(cfg: DictConfig, run: Run, default: str) -> Path:
@@ -169,8 +175,10 @@ def predict(cfg: DictConfig, run: Run) -> Outcome:
     transform: Optional[Transform]
     if cfg.export:
         if cfg.boxes_dir:
-            raise ConfigError(f"boxes_dir={cfg.boxes_dir}: boxes are drawn for detection checkpoints, and export={cfg.export} "
-                              "is a classifier; drop boxes_dir")
+            raise ConfigError(
+                f"boxes_dir={cfg.boxes_dir}: boxes are drawn for detection checkpoints, and export={cfg.export} "
+                "is a classifier; drop boxes_dir"
+            )
         model, transform, names = from_export(cfg.export)
         writer: Writer = ClassesCSV(model, names, cfg.topk, out_path(cfg, run, "predictions.csv"))
     else:
@@ -178,8 +186,12 @@ def predict(cfg: DictConfig, run: Run) -> Outcome:
     run.start()
     device = pick_device(cfg.device)
     model.to(device).eval()
-    loader = DataLoader(ImageFiles(files, transform), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                        collate_fn=collate_readable)
+    loader = DataLoader(
+        ImageFiles(files, transform),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_readable,
+    )
     unreadable: list[Path] = []
     with torch.no_grad():
         for indices, images, bad in tqdm(loader, desc="predict", unit="batch", file=sys.stderr):
@@ -196,4 +208,3 @@ def predict(cfg: DictConfig, run: Run) -> Outcome:
 def main(args: Sequence[str]) -> int:
     """``das-lab predict ckpt_path=PATH|export=DIR inputs=DIR|FILE|GLOB [out=PATH] [boxes_dir=DIR]``."""
     return run_command(predict, "predict", "predict", list(args))
-

@@ -50,8 +50,15 @@ class DetectionsJSON:
     ``box_threshold`` drawn and labelled by class name.
     """
 
-    def __init__(self, module: DetectionModule, names: Sequence[str], category_ids: Sequence[int], out: Path,
-                 boxes: Optional[dict[Path, Path]], box_threshold: float) -> None:
+    def __init__(
+        self,
+        module: DetectionModule,
+        names: Sequence[str],
+        category_ids: Sequence[int],
+        out: Path,
+        boxes: Optional[dict[Path, Path]],
+        box_threshold: float,
+    ) -> None:
         self.module = module
         self.names = dict(zip(category_ids, names))
         self.category_ids = list(category_ids)
@@ -65,12 +72,20 @@ class DetectionsJSON:
         predictions = self.module([F.to_dtype(image, torch.float32, scale=True) for image in images])
         for path, image, prediction in zip(files, images, predictions):
             image_id = len(self.images) + 1
-            self.images.append({"id": image_id, "file_name": str(path), "height": image.shape[-2], "width": image.shape[-1]})
+            self.images.append(
+                {"id": image_id, "file_name": str(path), "height": image.shape[-2], "width": image.shape[-1]}
+            )
             for result in to_coco_results(image_id, prediction, self.category_ids):
                 _, _, width, height = result["bbox"]
-                self.annotations.append({"id": len(self.annotations) + 1, **result,
-                                         "category_name": self.names[result["category_id"]],
-                                         "area": width * height, "iscrowd": 0})
+                self.annotations.append(
+                    {
+                        "id": len(self.annotations) + 1,
+                        **result,
+                        "category_name": self.names[result["category_id"]],
+                        "area": width * height,
+                        "iscrowd": 0,
+                    }
+                )
             if self.boxes is not None:
                 self._draw(image, prediction, self.boxes[path])
 
@@ -79,9 +94,11 @@ class DetectionsJSON:
         labels, scores = prediction["labels"][keep].tolist(), prediction["scores"][keep].tolist()
         colours = palette(len(self.category_ids))
         drawn = draw_bounding_boxes(
-            image.cpu(), prediction["boxes"][keep].cpu(),
+            image.cpu(),
+            prediction["boxes"][keep].cpu(),
             labels=[f"{self.names[self.category_ids[k - 1]]} {s:.2f}" for k, s in zip(labels, scores)],
-            colors=[colours[k - 1] for k in labels], width=2,
+            colors=[colours[k - 1] for k in labels],
+            width=2,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         write_png(drawn, str(path))
@@ -90,7 +107,9 @@ class DetectionsJSON:
         """Write the JSON; its path."""
         categories = [{"id": category_id, "name": self.names[category_id]} for category_id in self.category_ids]
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.out.write_text(json.dumps({"images": self.images, "categories": categories, "annotations": self.annotations}))
+        self.out.write_text(
+            json.dumps({"images": self.images, "categories": categories, "annotations": self.annotations})
+        )
         return self.out
 
 
@@ -98,7 +117,9 @@ class LabelPNGs:
     """Each image's predicted classes as a label PNG (``labels``: input file -> PNG path) in the ADE20K release
     format, written as ``das-lab eval`` writes them, at the image's own size; ``classes.csv`` names the values."""
 
-    def __init__(self, module: SegmentationModule, names: Sequence[str], out_dir: Path, labels: dict[Path, Path]) -> None:
+    def __init__(
+        self, module: SegmentationModule, names: Sequence[str], out_dir: Path, labels: dict[Path, Path]
+    ) -> None:
         self.module = module
         self.names = list(names)
         self.out_dir = out_dir
@@ -111,5 +132,7 @@ class LabelPNGs:
     def finish(self) -> Path:
         """Write classes.csv (label value, class name); the folder of PNGs."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_csv(self.out_dir / "classes.csv", ["label", "class"], ((i + 1, name) for i, name in enumerate(self.names)))
+        write_csv(
+            self.out_dir / "classes.csv", ["label", "class"], ((i + 1, name) for i, name in enumerate(self.names))
+        )
         return self.out_dir

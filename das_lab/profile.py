@@ -43,8 +43,8 @@ from das_lab.models.builder import compose_model_config, variant_args
 from das_lab.models.das import DASGate
 from das_lab.models.dat import DeformableAttention
 from das_lab.pipeline import build_module
-from das_lab.utils.tables import markdown_table, measured, write_csv
 from das_lab.utils.flops import cost_subject, count_flops, count_params
+from das_lab.utils.tables import markdown_table, measured, write_csv
 from das_lab.utils.timing import (
     backward_step,
     example_input,
@@ -54,7 +54,6 @@ from das_lab.utils.timing import (
     precision_dtype,
     resolve_device,
 )
-
 
 # ----------------------------------------------------------------------------- the model table
 
@@ -73,8 +72,16 @@ class ModelCost:
 
 
 def measure_model(
-    name: str, model: nn.Module, input_size: tuple[int, int], batch_size: int, device: torch.device, *,
-    precision: str = "fp32", channels_last: bool = False, warmup: int = 2, repeats: int = 5,
+    name: str,
+    model: nn.Module,
+    input_size: tuple[int, int],
+    batch_size: int,
+    device: torch.device,
+    *,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    warmup: int = 2,
+    repeats: int = 5,
 ) -> ModelCost:
     """Params, GMACs (batch 1, fp32) and throughput/peak memory at ``batch_size`` of one model on (height, width) inputs."""
     model = model.to(device)
@@ -106,7 +113,9 @@ def measure_model(
         ) from error
     finally:
         model.zero_grad(set_to_none=True)
-    return ModelCost(name, count_params(model) / 1e6, gflops, batch_size / fwd_s, batch_size / train_s, fwd_mib, train_mib)
+    return ModelCost(
+        name, count_params(model) / 1e6, gflops, batch_size / fwd_s, batch_size / train_s, fwd_mib, train_mib
+    )
 
 
 # ----------------------------------------------------------------------------- resolution curve
@@ -118,7 +127,9 @@ class GlobalSelfAttention(nn.Module):
     def __init__(self, channels: int, heads: int) -> None:
         super().__init__()
         if channels % heads:
-            raise UserError(f"profile.layer_heads={heads} does not divide profile.layer_width={channels}; choose a divisor")
+            raise UserError(
+                f"profile.layer_heads={heads} does not divide profile.layer_width={channels}; choose a divisor"
+            )
         self.heads = heads
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
@@ -145,10 +156,20 @@ def _deformable_attention(width: int, heads: int, side: int) -> nn.Module:
         raise UserError(f"profile.layer_heads={heads} does not divide profile.layer_width={width}; choose a divisor")
     stage = _dat_stage1()
     return DeformableAttention(
-        (side, side), n_heads=heads, n_head_channels=width // heads, n_groups=stage["groups"], attn_drop=0.0,
-        proj_drop=0.0, stride=stage["strides"], offset_range_factor=stage["offset_range_factor"],
-        use_pe=stage["use_pes"], dwc_pe=stage["dwc_pes"], no_off=stage["no_offs"], fixed_pe=stage["fixed_pes"],
-        ksize=stage["ksizes"], log_cpb=stage["log_cpb"],
+        (side, side),
+        n_heads=heads,
+        n_head_channels=width // heads,
+        n_groups=stage["groups"],
+        attn_drop=0.0,
+        proj_drop=0.0,
+        stride=stage["strides"],
+        offset_range_factor=stage["offset_range_factor"],
+        use_pe=stage["use_pes"],
+        dwc_pe=stage["dwc_pes"],
+        no_off=stage["no_offs"],
+        fixed_pe=stage["fixed_pes"],
+        ksize=stage["ksizes"],
+        log_cpb=stage["log_cpb"],
     )
 
 
@@ -174,8 +195,15 @@ class CurvePoint:
 
 
 def resolution_curve(
-    resolutions: Sequence[int], width: int, stride: int, heads: int, device: torch.device, timing_limit_gmacs: float,
-    *, warmup: int = 2, repeats: int = 5,
+    resolutions: Sequence[int],
+    width: int,
+    stride: int,
+    heads: int,
+    device: torch.device,
+    timing_limit_gmacs: float,
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
 ) -> list[CurvePoint]:
     """Counted GMACs of every curve layer at every resolution, timed where under the limit."""
     points = []
@@ -300,23 +328,37 @@ def profile(cfg: DictConfig, run: Run) -> Outcome:
     configs = {str(name): model_config(cfg, str(name)) for name in settings.compare} or {chosen: cfg.model}
     network, input_size = profiled_network(cfg, next(iter(configs.values())))
     if input_size is None:
-        raise UserError(f"profile.image_size is not set (data={HydraConfig.get().runtime.choices.get('data')} has no "
-                        "image_size); set profile.image_size=<pixels>, e.g. profile.image_size=224")
+        raise UserError(
+            f"profile.image_size is not set (data={HydraConfig.get().runtime.choices.get('data')} has no "
+            "image_size); set profile.image_size=<pixels>, e.g. profile.image_size=224"
+        )
     height, width = input_size
     with_task = cfg.get("task") is not None  # inputs need not be square: say which size the GFLOPs count
     shown_size = f"{width}x{height} (width x height)" if with_task else f"{height}px"
     run.start()
-    print(f"das-lab profile on {device} ({torch.get_num_threads()} threads), {shown_size}, batch {batch}, "
-          f"{settings.precision}{', channels_last' if settings.channels_last else ''}; "
-          f"median of {settings.repeats} after {settings.warmup} warm-up; GFLOPs = GMACs at batch 1", flush=True)
+    print(
+        f"das-lab profile on {device} ({torch.get_num_threads()} threads), {shown_size}, batch {batch}, "
+        f"{settings.precision}{', channels_last' if settings.channels_last else ''}; "
+        f"median of {settings.repeats} after {settings.warmup} warm-up; GFLOPs = GMACs at batch 1",
+        flush=True,
+    )
     costs = []
     for name, config in configs.items():
         if network is None:  # one network alive at a time
             network, input_size = profiled_network(cfg, config)
-        costs.append(measure_model(
-            name, network, input_size, batch, device, precision=str(settings.precision),
-            channels_last=bool(settings.channels_last), warmup=int(settings.warmup), repeats=int(settings.repeats),
-        ))
+        costs.append(
+            measure_model(
+                name,
+                network,
+                input_size,
+                batch,
+                device,
+                precision=str(settings.precision),
+                channels_last=bool(settings.channels_last),
+                warmup=int(settings.warmup),
+                repeats=int(settings.repeats),
+            )
+        )
         network = None
     rows = with_ratios(costs)
     compare = len(rows) > 1
@@ -324,33 +366,62 @@ def profile(cfg: DictConfig, run: Run) -> Outcome:
     header = list(MODEL_HEADER) + (list(RATIO_HEADER) if compare else [])
     if with_task:
         header[GFLOPS_COLUMN] = f"GFLOPs @{width}x{height}"
-    print(markdown_table(header, [measured([row[k] for k in keys]) for row in rows], align="l" + "r" * (len(header) - 1)),
-          flush=True)
+    print(
+        markdown_table(header, [measured([row[k] for k in keys]) for row in rows], align="l" + "r" * (len(header) - 1)),
+        flush=True,
+    )
     files = [out_dir / "profile.csv"]
     write_csv(files[0], keys, ([row[k] for k in keys] for row in rows))
 
     if settings.resolutions:
         limits = OmegaConf.to_container(settings.timing_limit_gmacs)
         points = resolution_curve(
-            [int(r) for r in settings.resolutions], int(settings.layer_width), int(settings.layer_stride),
-            int(settings.layer_heads), device, float(limits.get(device.type, 0.0)),
-            warmup=int(settings.warmup), repeats=int(settings.repeats),
+            [int(r) for r in settings.resolutions],
+            int(settings.layer_width),
+            int(settings.layer_stride),
+            int(settings.layer_heads),
+            device,
+            float(limits.get(device.type, 0.0)),
+            warmup=int(settings.warmup),
+            repeats=int(settings.repeats),
         )
-        print(f"\ncost vs resolution: single layers, {settings.layer_width} channels on a map of side "
-              f"resolution/{settings.layer_stride}, batch 1, fp32")
-        print(markdown_table(
-            ("layer", "resolution", "map", "tokens", "GFLOPs", "ms", "peak MiB", "note"),
-            [measured([p.layer, p.resolution, f"{p.map_side}x{p.map_side}", p.tokens, p.gflops, p.ms, p.peak_mib,
-                       p.note]) for p in points],
-            align="lrrrrrrl",
-        ))
-        print("growth of GFLOPs with the pixel count (1 = linear, 2 = quadratic): " + ", ".join(
-            f"{layer} {growth_exponent(points, layer):.2f}" for layer in CURVE_LAYERS))
+        print(
+            f"\ncost vs resolution: single layers, {settings.layer_width} channels on a map of side "
+            f"resolution/{settings.layer_stride}, batch 1, fp32"
+        )
+        print(
+            markdown_table(
+                ("layer", "resolution", "map", "tokens", "GFLOPs", "ms", "peak MiB", "note"),
+                [
+                    measured(
+                        [
+                            p.layer,
+                            p.resolution,
+                            f"{p.map_side}x{p.map_side}",
+                            p.tokens,
+                            p.gflops,
+                            p.ms,
+                            p.peak_mib,
+                            p.note,
+                        ]
+                    )
+                    for p in points
+                ],
+                align="lrrrrrrl",
+            )
+        )
+        print(
+            "growth of GFLOPs with the pixel count (1 = linear, 2 = quadratic): "
+            + ", ".join(f"{layer} {growth_exponent(points, layer):.2f}" for layer in CURVE_LAYERS)
+        )
         files += [out_dir / "resolution_curve.csv", out_dir / "resolution_curve.png"]
         curve_keys = [f.name for f in fields(CurvePoint)]
         write_csv(files[1], curve_keys, ([getattr(p, k) for k in curve_keys] for p in points))
-        plot_curve(points, files[2], f"cost vs resolution: {settings.layer_width} channels at stride "
-                                     f"{settings.layer_stride} on {device.type}")
+        plot_curve(
+            points,
+            files[2],
+            f"cost vs resolution: {settings.layer_width} channels at stride {settings.layer_stride} on {device.type}",
+        )
     print("\nwritten: " + ", ".join(str(f) for f in files))
     return Outcome()
 

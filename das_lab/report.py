@@ -101,8 +101,15 @@ def read_job(folder: Path, label: str, now: float) -> Job:
     metrics_path = folder / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
-        return Job(folder, label, metrics.get("status", "unknown"), parse_overrides(metrics.get("overrides", [])),
-                   metrics, monitor, run_declarations(metrics, config))
+        return Job(
+            folder,
+            label,
+            metrics.get("status", "unknown"),
+            parse_overrides(metrics.get("overrides", [])),
+            metrics,
+            monitor,
+            run_declarations(metrics, config),
+        )
     overrides = parse_overrides(_read_yaml(folder / ".hydra" / "overrides.yaml") or [])
     if (folder / "FAILED").is_file():
         status = "failed"
@@ -167,8 +174,11 @@ def declarations(jobs: Sequence[Job]) -> Declarations:
 def _headline(jobs: Sequence[Job], stage: str) -> list[str]:
     """Headline metrics of ``stage`` that some job recorded, in the order the tasks declare them."""
     recorded = {name for job in jobs for kind in ("best", "final") for name in job.metrics.get(kind, {})}
-    return [key for key, spec in declarations(jobs).items()
-            if spec.headline and key.startswith(f"{stage}/") and key in recorded]
+    return [
+        key
+        for key, spec in declarations(jobs).items()
+        if spec.headline and key.startswith(f"{stage}/") and key in recorded
+    ]
 
 
 def metric_columns(jobs: Sequence[Job]) -> list[tuple[str, str]]:
@@ -218,27 +228,49 @@ def table(
     rows = []
     for job in jobs:
         params, gflops = job.metrics.get("params"), job.metrics.get("gflops")
-        rows.append([
-            job.label,
-            *(job.overrides.get(k, "-") for k in keys),
-            f"{params / 1e6:.3f}" if params is not None else "-",
-            f"{gflops:.3f}" if gflops is not None else "-",
-            *(format_metric(declared, metric, job.value(kind, metric)) for kind, metric in columns),
-            _fmt_time(job.metrics.get("wall_time_s")),
-            job.status,
-        ])
+        rows.append(
+            [
+                job.label,
+                *(job.overrides.get(k, "-") for k in keys),
+                f"{params / 1e6:.3f}" if params is not None else "-",
+                f"{gflops:.3f}" if gflops is not None else "-",
+                *(format_metric(declared, metric, job.value(kind, metric)) for kind, metric in columns),
+                _fmt_time(job.metrics.get("wall_time_s")),
+                job.status,
+            ]
+        )
     return header, rows
 
 
 def write_report_csv(path: Path, jobs: Sequence[Job], keys: Sequence[str], columns: Sequence[tuple[str, str]]) -> None:
     """Raw values (fractions, seconds, parameter counts) for further analysis."""
-    header = ["job", *keys, "params", "gflops", *(f"{kind} {metric}" for kind, metric in columns), "wall_time_s",
-              "status", "path"]
-    write_csv(path, header, (
-        [job.label, *(job.overrides.get(k) for k in keys), job.metrics.get("params"), job.metrics.get("gflops"),
-         *(job.value(k, m) for k, m in columns), job.metrics.get("wall_time_s"), job.status, str(job.path)]
-        for job in jobs
-    ))
+    header = [
+        "job",
+        *keys,
+        "params",
+        "gflops",
+        *(f"{kind} {metric}" for kind, metric in columns),
+        "wall_time_s",
+        "status",
+        "path",
+    ]
+    write_csv(
+        path,
+        header,
+        (
+            [
+                job.label,
+                *(job.overrides.get(k) for k in keys),
+                job.metrics.get("params"),
+                job.metrics.get("gflops"),
+                *(job.value(k, m) for k, m in columns),
+                job.metrics.get("wall_time_s"),
+                job.status,
+                str(job.path),
+            ]
+            for job in jobs
+        ),
+    )
 
 
 def _first_seen(values: Sequence[str]) -> list[str]:
@@ -279,10 +311,15 @@ def plot_metric(out_dir: Path, jobs: Sequence[Job], keys: Sequence[str], metric:
 
     varied = [k for k in keys if k != SEED_KEY] or [k for k in keys if k == SEED_KEY]
     pooled = [k for k in keys if k != SEED_KEY]
-    groups = seed_groups(jobs, pooled, metric) if pooled else {
-        (str(job.overrides.get(SEED_KEY)),): [job.value("best", metric)]
-        for job in jobs if job.status == "completed" and job.value("best", metric) is not None
-    }
+    groups = (
+        seed_groups(jobs, pooled, metric)
+        if pooled
+        else {
+            (str(job.overrides.get(SEED_KEY)),): [job.value("best", metric)]
+            for job in jobs
+            if job.status == "completed" and job.value("best", metric) is not None
+        }
+    )
     if not groups:
         return []
     declared = declarations(jobs)
@@ -293,7 +330,7 @@ def plot_metric(out_dir: Path, jobs: Sequence[Job], keys: Sequence[str], metric:
         x_values = _first_seen([setting[position] for setting in groups])
         series: dict[tuple[str, ...], dict[str, list[float]]] = {}
         for setting, values in groups.items():
-            rest = setting[:position] + setting[position + 1:]
+            rest = setting[:position] + setting[position + 1 :]
             series.setdefault(rest, {})[setting[position]] = values
         fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(x_values) + 2), 3.2))
         others = [k for k in (pooled or [SEED_KEY]) if k != key]
@@ -301,16 +338,25 @@ def plot_metric(out_dir: Path, jobs: Sequence[Job], keys: Sequence[str], metric:
             xs = [i for i, v in enumerate(x_values) if v in points]
             stats = [_mean_std(points[x_values[i]]) for i in xs]
             label = ", ".join(f"{k}={v}" for k, v in zip(others, rest)) or None
-            ax.errorbar(xs, [m * scale for m, _ in stats], yerr=[s * scale for _, s in stats], marker="o", capsize=3,
-                        linestyle="-" if _numeric(x_values) else "none", label=label)
+            ax.errorbar(
+                xs,
+                [m * scale for m, _ in stats],
+                yerr=[s * scale for _, s in stats],
+                marker="o",
+                capsize=3,
+                linestyle="-" if _numeric(x_values) else "none",
+                label=label,
+            )
         ax.set_xticks(range(len(x_values)))
         ax.set_xticklabels(x_values, rotation=30 if max(map(len, x_values)) > 6 else 0, ha="right", fontsize=8)
         ax.set_xlabel(key)
         title = declared[metric].title if metric in declared else metric
         ax.set_ylabel(metric_label(declared, metric, f"best {title}"))
         seeds = max(len(v) for v in groups.values())
-        ax.set_title(f"best {metric} vs {key}" + (f" (mean ± std over {seeds} seeds)" if pooled and seeds > 1 else ""),
-                     fontsize=9)
+        ax.set_title(
+            f"best {metric} vs {key}" + (f" (mean ± std over {seeds} seeds)" if pooled and seeds > 1 else ""),
+            fontsize=9,
+        )
         if any(label for label in ax.get_legend_handles_labels()[1]):
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -334,8 +380,13 @@ def seed_summary(jobs: Sequence[Job], keys: Sequence[str], metric: str) -> Optio
     rows = []
     for setting, values in groups.items():
         mean, std = _mean_std(values)
-        rows.append([*setting, f"{format_metric(declared, metric, mean)} ± {format_metric(declared, metric, std)}",
-                     str(len(values))])
+        rows.append(
+            [
+                *setting,
+                f"{format_metric(declared, metric, mean)} ± {format_metric(declared, metric, std)}",
+                str(len(values)),
+            ]
+        )
     return markdown_table([*pooled, metric_label(declared, metric, f"best {metric}"), "seeds"], rows)
 
 
@@ -368,8 +419,9 @@ def build_report(folders: Sequence[Path], out_dir: Path) -> str:
     lines += [line for plot in plots for line in ("", f"![{plot.stem}]({plot.name})")]
     from das_lab.search.report import search_section
 
-    searches = [section for folder in folders
-                if (section := search_section(folder, out_dir, declarations(jobs))) is not None]
+    searches = [
+        section for folder in folders if (section := search_section(folder, out_dir, declarations(jobs))) is not None
+    ]
     lines += [line for section in searches for line in section]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return "\n".join([text, *(line for section in searches for line in section if not line.startswith("!["))])
@@ -383,7 +435,9 @@ def main(args: Sequence[str]) -> int:
     )
     parser.add_argument("paths", nargs="+", help="multirun folder(s) or glob pattern(s), e.g. multirun/2026-11-29/*")
     parser.add_argument("--out", help="where to write report.md, report.csv and the PNGs (default: the first PATH)")
-    parser.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B (offline without a key)")
+    parser.add_argument(
+        "--wandb", action="store_true", help="also log the table and plots to W&B (offline without a key)"
+    )
     parser.add_argument("--wandb-project", default="das-lab", help="W&B project of the report run (default: das-lab)")
     options = parser.parse_args(list(args))
     try:

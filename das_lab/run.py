@@ -43,8 +43,11 @@ class MetricHistory(Callback):
         self.epochs: list[dict[str, float]] = []
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        values = {k: float(v) for k, v in trainer.callback_metrics.items()
-                  if k.startswith("val/") and not k.endswith(("_step", "_epoch"))}
+        values = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and not k.endswith(("_step", "_epoch"))
+        }
         undeclared = sorted(set(values) - set(self.declared))
         if undeclared:
             raise ValueError(
@@ -166,8 +169,9 @@ class RunRecord:
         self.failed_path.unlink(missing_ok=True)
         write_json_atomic(self.metrics_path, self._payload("completed", final, best, ckpt_best))
 
-    def failed(self, error: BaseException, best: Optional[dict[str, float]] = None,
-               extra: Optional[dict[str, Any]] = None) -> None:
+    def failed(
+        self, error: BaseException, best: Optional[dict[str, float]] = None, extra: Optional[dict[str, Any]] = None
+    ) -> None:
         """Leave the traceback in ``FAILED`` and a metrics.json that says so, keeping what was measured.
 
         A SLURM job that asked to be requeued has not failed: it is recorded as ``requeued``.

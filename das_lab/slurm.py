@@ -102,8 +102,12 @@ def _slurm_state(job: Any) -> str:
     return state.split()[0] if state else "UNKNOWN"
 
 
-def collect_results(jobs: Sequence[Any], job_dirs: Sequence[Path], job_overrides: Sequence[Sequence[str]],
-                    make_return: Callable[[Sequence[str], float], Any]) -> list[Any]:
+def collect_results(
+    jobs: Sequence[Any],
+    job_dirs: Sequence[Path],
+    job_overrides: Sequence[Sequence[str]],
+    make_return: Callable[[Sequence[str], float], Any],
+) -> list[Any]:
     """Wait for every job; one that ended without a result (cancelled, killed) is recorded as failed and
     returns NaN, like a job that failed by itself, so the sweep goes on to its summary."""
     from submitit.core.utils import FailedJobError, UncompletedJobError

@@ -12,7 +12,6 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-
 MAX_DIRNAME = 120
 # the keys a sweep varies, handed by the launching process to its jobs (which inherit its environment)
 SWEPT_KEYS_ENV = "DAS_LAB_SWEPT_KEYS"
@@ -35,13 +34,16 @@ def job_dirname(override_dirname: str) -> str:
     items = re.split(r",(?=[^,=]+=)", override_dirname) if override_dirname else []
     keys = [item.split("=", 1)[0].lstrip("+~") for item in items]
     first = [item for item, key in zip(items, keys) if key in swept]
-    rest = [item.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + item.split("=", 1)[1] if "=" in item else item
-            for item, key in zip(items, keys) if key not in swept]
+    rest = [
+        item.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + item.split("=", 1)[1] if "=" in item else item
+        for item, key in zip(items, keys)
+        if key not in swept
+    ]
     name = ",".join(first + rest)
     if len(name) <= MAX_DIRNAME:
         return name
     digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
-    return f"{name[:MAX_DIRNAME - len(digest) - 1]}-{digest}"
+    return f"{name[: MAX_DIRNAME - len(digest) - 1]}-{digest}"
 
 
 class SweepFolder(Callback):

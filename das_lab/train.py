@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from das_lab.callbacks.checkpoint_state import ClassesInCheckpoint, ConfigInCheckpoint, RngStateInCheckpoint
+from das_lab.callbacks.skipped_images import SkippedImagesReport
 from das_lab.command import Outcome, Run
 from das_lab.loggers import WandbIdInCheckpoint, with_resumed_wandb_id
 from das_lab.models.weights import load_weights
@@ -82,6 +83,7 @@ def train(cfg: DictConfig, run: Run) -> Outcome:
         history,
         ConfigInCheckpoint(stored),
         ClassesInCheckpoint(),
+        SkippedImagesReport(),
         RngStateInCheckpoint(),
         WandbIdInCheckpoint(run.loggers),
     ]

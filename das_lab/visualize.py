@@ -38,12 +38,16 @@ def visualize(cfg: DictConfig, run: Run) -> Outcome:
     restored = restore_checkpoint(cfg.ckpt_path)
     run.start()
     out_dir = Path(cfg.out_dir or run.dir / "visualizations").expanduser().absolute()
-    if isinstance(restored.module, SegmentationModule):  # segmentation checkpoints: colour overlays of the predicted classes
+    if isinstance(
+        restored.module, SegmentationModule
+    ):  # segmentation checkpoints: colour overlays of the predicted classes
         paths = write_overlays(restored.module, [Path(path).expanduser() for path in images], out_dir)
         print(*paths, sep="\n")
         return Outcome()
     if not can_draw(restored.net):
-        raise ConfigError(f"{type(restored.net).__name__} has no DAS gates or deformable sampling: there is nothing to draw")
+        raise ConfigError(
+            f"{type(restored.net).__name__} has no DAS gates or deformable sampling: there is nothing to draw"
+        )
     transform = eval_transform(instantiate(restored.data))
     inputs = [transform(read_rgb(Path(path).expanduser())) for path in images]
     figures = attention_figures(restored.net, inputs, [Path(path).name for path in images])

@@ -45,8 +45,13 @@ def log_report(folders: Sequence[Path], out_dir: Path, project: str, offline: Op
     if reason is not None:
         log.info("W&B logs offline: %s", reason)
     run = wandb.init(
-        project=project, group=sweep_group(str(folders[0])), job_type="report", name="report", dir=str(out_dir),
-        mode="offline" if reason is not None else "online", config={"sweeps": [str(f) for f in folders]},
+        project=project,
+        group=sweep_group(str(folders[0])),
+        job_type="report",
+        name="report",
+        dir=str(out_dir),
+        mode="offline" if reason is not None else "online",
+        config={"sweeps": [str(f) for f in folders]},
     )
     try:
         run.log(payload)

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-
 DAS_LAB = str(Path(sys.executable).with_name("das-lab"))
 
 # digits at 32 px, one epoch of three steps: a whole run through the CLI in seconds
@@ -39,11 +38,14 @@ def _environment(cwd: Path, env: dict[str, str] | None) -> dict[str, str]:
     return full_env
 
 
-def run_console(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_console(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """``das-lab ARGS`` as its own process (the installed console script), for what only a process shows:
     signals, DDP ranks, the import footprint, exit codes seen by a shell."""
-    return subprocess.run([DAS_LAB, *args], cwd=cwd, env=_environment(cwd, env), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [DAS_LAB, *args], cwd=cwd, env=_environment(cwd, env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -34,3 +34,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """SLURM tests first: they mostly wait on the scheduler, so under ``pytest -n 2`` the other worker
     runs the rest of the suite meanwhile instead of leaving them for the end."""
     items.sort(key=lambda item: item.get_closest_marker("slurm") is None)
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind():
+    """A DDP rank 0 run inside the test process would leave its process group to every later test
+    (Lightning's next Trainer waits at a barrier for ranks that are gone): DDP runs need their own process."""
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        pytest.fail(
+            "the test left a torch.distributed process group in the test process; run DDP in its own "
+            "process (cli_helpers.run_console)"
+        )

@@ -54,8 +54,12 @@ def make_split(root: Path, split: str, num_images: int, seed: int) -> dict[str, 
             rle = mask_utils.encode(np.asfortranarray(crowd))
             annotations.append(
                 {
-                    "image_id": image_id, "category_id": 17, "iscrowd": 1, "bbox": [5.0, 5.0, 30.0, 20.0],
-                    "area": float(crowd.sum()), "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
+                    "image_id": image_id,
+                    "category_id": 17,
+                    "iscrowd": 1,
+                    "bbox": [5.0, 5.0, 30.0, 20.0],
+                    "area": float(crowd.sum()),
+                    "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
                 }
             )
         elif index > 1:
@@ -65,8 +69,12 @@ def make_split(root: Path, split: str, num_images: int, seed: int) -> dict[str, 
                 draw.polygon(polygon, fill=COLOURS[category])
                 annotations.append(
                     {
-                        "image_id": image_id, "category_id": category, "iscrowd": 0, "bbox": bbox,
-                        "area": bbox[2] * bbox[3], "segmentation": [polygon],
+                        "image_id": image_id,
+                        "category_id": category,
+                        "iscrowd": 0,
+                        "bbox": bbox,
+                        "area": bbox[2] * bbox[3],
+                        "segmentation": [polygon],
                     }
                 )
         canvas.save(image_dir / file_name, quality=90)

@@ -142,7 +142,16 @@ def devkit_ids() -> dict[str, int]:
 
 
 def _meta_mat(words: dict[str, str]) -> bytes:
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     ids = devkit_ids()
     rows = [(ids[w], w, words[w], "a fish", 0, np.zeros((1, 0)), 0, 1300) for w in IMAGENET_WNIDS]
     rows.append((len(IMAGENET_WNIDS) + 1, "n01439121", "cyprinid", "a parent synset", 2, np.array([[4, 3]]), 1, 2600))
@@ -162,9 +171,18 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def make_imagenet_archives(root: Path, staging: Path, train_per_class: int = 3, val_per_class: int = 2) -> list[int]:
     """The three official archives in ``root``; returns the class index of each val image in file order."""
-    words = {w: f"{name}, {latin}" for w, (name, latin) in zip(
-        IMAGENET_WNIDS, [("tench", "Tinca tinca"), ("goldfish", "Carassius auratus"), ("great white shark", "Carcharodon"), ("tiger shark", "Galeocerdo")]
-    )}
+    words = {
+        w: f"{name}, {latin}"
+        for w, (name, latin) in zip(
+            IMAGENET_WNIDS,
+            [
+                ("tench", "Tinca tinca"),
+                ("goldfish", "Carassius auratus"),
+                ("great white shark", "Carcharodon"),
+                ("tiger shark", "Galeocerdo"),
+            ],
+        )
+    }
     make_imagenet_folders(staging, train_per_class, val_per_class)
     root.mkdir(parents=True, exist_ok=True)
     with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:

@@ -31,7 +31,9 @@ class HubRecord:
     created: list[dict[str, Any]] = field(default_factory=list)
     validated: list[str] = field(default_factory=list)  # README.md contents sent to validate-yaml
     authorizations: set[str] = field(default_factory=set)
-    commits: list[dict[str, Any]] = field(default_factory=list)  # {"repo", "revision", "summary", "files": {path: bytes}}
+    commits: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # {"repo", "revision", "summary", "files": {path: bytes}}
     unexpected: list[str] = field(default_factory=list)
 
 
@@ -60,17 +62,25 @@ def _handler(record: HubRecord) -> type[BaseHTTPRequestHandler]:
                 self._reply(200, {"errors": [], "warnings": []})
             elif match := _PREUPLOAD.match(self.path):
                 files = json.loads(body)["files"]
-                self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                            for f in files]})
+                self._reply(
+                    200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                )
             elif match := _COMMIT.match(self.path):
                 lines = [json.loads(line) for line in body.splitlines() if line.strip()]
                 header, *operations = lines
                 assert header["key"] == "header" and all(op["key"] == "file" for op in operations), lines
                 files = {op["value"]["path"]: base64.b64decode(op["value"]["content"]) for op in operations}
-                record.commits.append({"repo": match["repo"], "revision": match["rev"],
-                                       "summary": header["value"]["summary"], "files": files})
-                self._reply(200, {"commitUrl": f"{record.url}/{match['repo']}/commit/{'a' * 40}",
-                                  "commitOid": "a" * 40})
+                record.commits.append(
+                    {
+                        "repo": match["repo"],
+                        "revision": match["rev"],
+                        "summary": header["value"]["summary"],
+                        "files": files,
+                    }
+                )
+                self._reply(
+                    200, {"commitUrl": f"{record.url}/{match['repo']}/commit/{'a' * 40}", "commitOid": "a" * 40}
+                )
             else:
                 record.unexpected.append(f"POST {self.path}")
                 self._reply(404, {"error": "not served by the stand-in"})

@@ -44,11 +44,20 @@ def shards_datamodule(root: Path, batch_size: int, workers: int = 0) -> Any:
     """The imagenet datamodule on converted shards, with ``width_id`` as its transforms."""
     from das_lab.data.verify import compose_config
 
-    cfg = compose_config([
-        "data=imagenet", "data.format=litdata", f"data.root={root}", f"data.num_classes={len(IMAGENET_WNIDS)}",
-        "data.image_size=16", f"data.batch_size={batch_size}", f"data.num_workers={workers}", "data.pin_memory=false",
-        "data.persistent_workers=false", "data.prefetch_factor=null",
-    ])
+    cfg = compose_config(
+        [
+            "data=imagenet",
+            "data.format=litdata",
+            f"data.root={root}",
+            f"data.num_classes={len(IMAGENET_WNIDS)}",
+            "data.image_size=16",
+            f"data.batch_size={batch_size}",
+            f"data.num_workers={workers}",
+            "data.pin_memory=false",
+            "data.persistent_workers=false",
+            "data.prefetch_factor=null",
+        ]
+    )
     datamodule = instantiate(cfg.data)
     datamodule.train_transform = datamodule.eval_transform = width_id
     return datamodule
@@ -73,8 +82,16 @@ class Recorder(L.LightningModule):
 
 def trainer(**kwargs: Any) -> L.Trainer:
     """A quiet CPU trainer without logger or checkpoints (the test adds what it needs)."""
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     return L.Trainer(**{**defaults, **kwargs})
 
 

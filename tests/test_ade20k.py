@@ -25,8 +25,19 @@ from fake_ade20k import make_ade20k, zip_release
 
 
 def _datamodule(root: Path, cache: Path, **overrides) -> ADE20KDataModule:
-    settings = dict(root=str(root), cache_dir=str(cache), num_classes=150, scale=[64, 48], ratio_range=[0.5, 2.0],
-                    crop_size=32, cat_max_ratio=0.75, hflip=0.5, expected_sizes=None, batch_size=2, num_workers=0)
+    settings = dict(
+        root=str(root),
+        cache_dir=str(cache),
+        num_classes=150,
+        scale=[64, 48],
+        ratio_range=[0.5, 2.0],
+        crop_size=32,
+        cat_max_ratio=0.75,
+        hflip=0.5,
+        expected_sizes=None,
+        batch_size=2,
+        num_workers=0,
+    )
     return ADE20KDataModule(**{**settings, **overrides})
 
 
@@ -111,7 +122,9 @@ def test_bad_label_maps_fail_in_one_line_naming_the_file(tmp_path: Path, damage:
 def test_image_without_label_is_named(tmp_path: Path) -> None:
     fake = make_ade20k(tmp_path / "data")
     (fake.folder / "annotations" / "training" / "ADE_train_00000003.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"ADE_train_00000003.jpg: no label map; expected .*ADE_train_00000003.png"):
+    with pytest.raises(
+        FileNotFoundError, match=r"ADE_train_00000003.jpg: no label map; expected .*ADE_train_00000003.png"
+    ):
         _datamodule(fake.root, tmp_path / "cache").setup()
 
 
@@ -131,7 +144,7 @@ def test_crop_keeps_one_class_under_the_ratio_when_it_can() -> None:
     label[:, 40:] = 1
 
     def qualifies(left: int) -> bool:
-        share = label[:, left:left + 20].float().mean()
+        share = label[:, left : left + 20].float().mean()
         return 0.25 < share < 0.75
 
     random.seed(0)
@@ -166,13 +179,20 @@ def test_data_verify_reports_counts_and_problems(tmp_path: Path, capsys) -> None
     Image.fromarray(np.full((30, 40), 200, dtype=np.uint8)).save(bad)
     assert verify_main(args + ["data.expected_sizes=null"]) == 1
     captured = capsys.readouterr()
-    assert "1 of 4 decoded" in captured.out and f"{bad}: label value 200; expected 0 (unlabelled) to 150" in captured.err
+    assert (
+        "1 of 4 decoded" in captured.out and f"{bad}: label value 200; expected 0 (unlabelled) to 150" in captured.err
+    )
 
 
 def test_data_verify_on_the_zip(tmp_path: Path, capsys) -> None:
     zip_release(make_ade20k(tmp_path / "staging"), tmp_path / "data")
-    args = ["data=ade20k", f"data.root={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}",
-            "data.num_workers=0", "data.expected_sizes=null"]
+    args = [
+        "data=ade20k",
+        f"data.root={tmp_path / 'data'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.num_workers=0",
+        "data.expected_sizes=null",
+    ]
     assert verify_main(args) == 0
     assert "extracted into" in capsys.readouterr().out
     with zipfile.ZipFile(tmp_path / "data" / "ADEChallengeData2016.zip") as handle:

@@ -55,8 +55,15 @@ class LrTrace(L.Callback):
 
 
 def _trainer(tmp_path, **kwargs):
-    settings = dict(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    settings = dict(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     return L.Trainer(**{**settings, **kwargs})
 
 

@@ -34,7 +34,10 @@ def test_help_lists_subcommands(tmp_path):
 def test_unknown_command_is_one_line(tmp_path):
     result = run_cli(["fit"], cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == "das-lab: unknown command 'fit'; choose from: train, eval, data, profile, report, visualize, export, predict"
+    assert (
+        result.stderr.strip()
+        == "das-lab: unknown command 'fit'; choose from: train, eval, data, profile, report, visualize, export, predict"
+    )
 
 
 def test_train_writes_run_folder(trained):
@@ -72,7 +75,9 @@ def test_eval_reproduces_logged_val_metrics(trained):
     root, run_dir, _ = trained
     metrics = read_metrics(run_dir)
     limits = [arg for arg in TINY if arg.startswith(("trainer.limit_val", "trainer.limit_test"))]
-    result = run_cli(["eval", f"ckpt_path={metrics['ckpt_best']}", "trainer.enable_progress_bar=false", *limits], cwd=root)
+    result = run_cli(
+        ["eval", f"ckpt_path={metrics['ckpt_best']}", "trainer.enable_progress_bar=false", *limits], cwd=root
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     eval_dir = run_dirs(root)[-1]
     assert eval_dir != run_dir
@@ -96,7 +101,9 @@ def test_multirun_two_jobs(tmp_path):
 
 
 def test_failing_job_does_not_stop_the_sweep(tmp_path):
-    result = run_cli(["train", "-m", "hydra/launcher=basic", *TINY, "data.digit_size=99,16", "test=false"], cwd=tmp_path)
+    result = run_cli(
+        ["train", "-m", "hydra/launcher=basic", *TINY, "data.digit_size=99,16", "test=false"], cwd=tmp_path
+    )
     assert result.returncode == 1
     assert "1 job(s) of the sweep failed" in result.stderr
     failed, completed = sorted((tmp_path / "multirun").glob("*/*/[01]_*"))

@@ -125,7 +125,9 @@ def test_invalid_json_and_wrong_class_count(coco_root: Path) -> None:
 def test_non_utf8_annotations_name_the_file(coco_root: Path) -> None:
     path = coco_root / "annotations" / "instances_train2017.json"
     path.write_bytes(path.read_text().replace('"car"', '"\u00e9"').encode("latin-1"))
-    with pytest.raises(ValueError, match=r"instances_train2017.json: not UTF-8 text \(byte \d+: invalid continuation byte\)"):
+    with pytest.raises(
+        ValueError, match=r"instances_train2017.json: not UTF-8 text \(byte \d+: invalid continuation byte\)"
+    ):
         _datamodule(coco_root).setup("fit")
 
 

@@ -59,8 +59,13 @@ def _jittered_detections(ground_truth: dict, seed: int) -> list[dict]:
         rle = mask_utils.encode(np.asfortranarray(mask))
         rle["counts"] = rle["counts"].decode("ascii")
         detections.append(
-            {"image_id": annotation["image_id"], "category_id": category, "bbox": box,
-             "score": rng.random(), "segmentation": rle}
+            {
+                "image_id": annotation["image_id"],
+                "category_id": category,
+                "bbox": box,
+                "score": rng.random(),
+                "segmentation": rle,
+            }
         )
     for image_id, (height, width) in sizes.items():
         box = [rng.uniform(0, width / 2), rng.uniform(0, height / 2), 10.0, 12.0]
@@ -69,8 +74,13 @@ def _jittered_detections(ground_truth: dict, seed: int) -> list[dict]:
         rle = mask_utils.encode(np.asfortranarray(mask))
         rle["counts"] = rle["counts"].decode("ascii")
         detections.append(
-            {"image_id": image_id, "category_id": rng.choice(category_ids), "bbox": box,
-             "score": rng.random() * 0.5, "segmentation": rle}
+            {
+                "image_id": image_id,
+                "category_id": rng.choice(category_ids),
+                "bbox": box,
+                "score": rng.random() * 0.5,
+                "segmentation": rle,
+            }
         )
     return detections
 
@@ -105,7 +115,8 @@ def test_annotation_id_zero_is_renumbered_so_perfect_boxes_score_one(ground_trut
     del broken["info"]
     perfect = [
         {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-        for a in broken["annotations"] if not a["iscrowd"]
+        for a in broken["annotations"]
+        if not a["iscrowd"]
     ]
     prepared = prepare_ground_truth(broken)
     ids = [a["id"] for a in prepared["annotations"]]

@@ -49,7 +49,10 @@ def test_every_command_config_passes(config_name, overrides):
         (["data.num_workers=two"], r"data.num_workers='two': expected int \(argument 'num_workers' of "),
         (["+data.image_sise=32"], r"data.image_sise: not an argument of .*DigitsDataModule; did you mean image_size\?"),
         (["+data.zzz=3"], r"data.zzz: not an argument of .*DigitsDataModule; its arguments: .*image_size"),
-        (["+trainer.max_epoch=1"], r"trainer.max_epoch: not an argument of lightning.Trainer; did you mean max_epochs\?"),
+        (
+            ["+trainer.max_epoch=1"],
+            r"trainer.max_epoch: not an argument of lightning.Trainer; did you mean max_epochs\?",
+        ),
         (["+foo=bar"], r"\+foo=bar: no das-lab config reads 'foo'"),
         (["ckpt_path=???"], r"missing required value 'ckpt_path': pass ckpt_path=VALUE"),
     ],

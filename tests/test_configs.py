@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import inspect
 import re
+
 import lightning as L
-from lightning.pytorch.loggers import Logger
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_object, instantiate
+from lightning.pytorch.loggers import Logger
 from omegaconf import OmegaConf
 
 from das_lab.cli import _register_resolvers
@@ -27,6 +28,7 @@ def composer(tmp_path):
     _register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+
         def _compose(*overrides: str, return_hydra_config: bool = False):
             base = [f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path}/data"]
             return compose("train", overrides=[*base, *overrides], return_hydra_config=return_hydra_config)
@@ -43,8 +45,21 @@ def _without_checkpoint(model_cfg):
 
 
 def test_config_groups_are_complete():
-    assert set(GROUPS) >= {"data", "model", "task", "optimizer", "scheduler", "trainer", "logger", "callbacks",
-                           "paths", "experiment", "hparams_search", "hydra", "recipe"}
+    assert set(GROUPS) >= {
+        "data",
+        "model",
+        "task",
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "logger",
+        "callbacks",
+        "paths",
+        "experiment",
+        "hparams_search",
+        "hydra",
+        "recipe",
+    }
 
 
 def test_targets_take_exactly_the_yaml_keys():
@@ -58,7 +73,9 @@ def test_targets_take_exactly_the_yaml_keys():
         if any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
             continue
         keys = {k for k in node if not k.startswith("_")}
-        assert keys <= set(signature.parameters), f"{path.relative_to(CONF)}: {sorted(keys - set(signature.parameters))}"
+        assert keys <= set(signature.parameters), (
+            f"{path.relative_to(CONF)}: {sorted(keys - set(signature.parameters))}"
+        )
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -12,8 +12,16 @@ pytestmark = pytest.mark.slow
 
 
 def _dogs(tmp_path, *extra: str) -> list[str]:
-    return ["train", "data=stanford_dogs", f"data.root={tmp_path / 'dogs'}", f"data.num_classes={len(DOG_BREEDS)}",
-            f"data.cache_dir={tmp_path / 'cache'}", *SHORT, "test=false", *extra]
+    return [
+        "train",
+        "data=stanford_dogs",
+        f"data.root={tmp_path / 'dogs'}",
+        f"data.num_classes={len(DOG_BREEDS)}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *SHORT,
+        "test=false",
+        *extra,
+    ]
 
 
 def test_zero_byte_image_is_skipped_with_skip_corrupt(tmp_path):
@@ -33,7 +41,9 @@ def test_undecodable_image_stops_training_with_one_line_naming_it(tmp_path):
     text.write_text("not an image\n")
     result = run_cli(_dogs(tmp_path, "data.batch_size=12", "data.num_workers=1"), cwd=tmp_path)
     assert result.returncode == 2
-    assert f"das-lab: error: {text}: cannot decode image (not a format torchvision or Pillow can read);" in result.stderr
+    assert (
+        f"das-lab: error: {text}: cannot decode image (not a format torchvision or Pillow can read);" in result.stderr
+    )
     assert "Traceback" not in result.stderr and "BytesIO" not in result.stderr
     (run_dir,) = run_dirs(tmp_path)
     assert read_metrics(run_dir)["status"] == "failed" and str(text) in (run_dir / "FAILED").read_text()

@@ -93,7 +93,9 @@ def test_stage_gates_validate_stages_and_per_stage_groups():
     assert gates["2"].offset_groups == 2 and gates["4"].offset_groups == 4
     with pytest.raises(ValueError, match=r"model\.gate_stages=\[0, 2\] must be distinct stage numbers in 1\.\.4"):
         stage_end_gates((16, 32, 64, 128), [0, 2], 1, reduction=0.5)
-    with pytest.raises(ValueError, match=r"model\.offset_groups=\[1, 2\] has 2 entries; give one int or one per stage \(4\)"):
+    with pytest.raises(
+        ValueError, match=r"model\.offset_groups=\[1, 2\] has 2 entries; give one int or one per stage \(4\)"
+    ):
         stage_end_gates((16, 32, 64, 128), [2], [1, 2], reduction=0.5)
 
 

@@ -80,8 +80,15 @@ def test_parameter_counts_match_the_reference_networks():
 )
 def test_gate_positions_place_gates_where_documented(position, gate_keys, n_gates):
     model = das_resnet.DASResNet(
-        num_classes=3, block="basic", layers=(2, 2, 2, 2), channels=(8, 16, 32, 64), stem_width=8,
-        gate_stages=[2, 4], gate_position=position, reduction=0.5, offset_groups=[1, 2, 1, 4],
+        num_classes=3,
+        block="basic",
+        layers=(2, 2, 2, 2),
+        channels=(8, 16, 32, 64),
+        stem_width=8,
+        gate_stages=[2, 4],
+        gate_position=position,
+        reduction=0.5,
+        offset_groups=[1, 2, 1, 4],
     )
     keys = model.state_dict().keys()
     assert all(k in keys for k in gate_keys)
@@ -111,7 +118,9 @@ def test_plain_torchvision_checkpoint_loads_into_das_resnet18(tmp_path, position
     torch.testing.assert_close(model.fc.bias, plain.fc.bias)
     report = load_weights(model, path, new_modules=gate_names(model))
     assert report.missing == [] and report.unexpected == [] and report.mismatched == []
-    assert report.expected_missing and all(any(k.startswith(g + ".") for g in gate_names(model)) for k in report.expected_missing)
+    assert report.expected_missing and all(
+        any(k.startswith(g + ".") for g in gate_names(model)) for k in report.expected_missing
+    )
     assert len(report.loaded) == len(plain.state_dict())
 
 
@@ -127,7 +136,9 @@ def test_plain_torchvision_checkpoint_loads_into_das_mobilenet_v2(tmp_path):
 def test_classifier_mismatch_names_num_classes(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), path)
-    with pytest.raises(RuntimeError, match=r"(?s)fc\.weight file \[1000, 512\] vs model \[10, 512\].*model\.num_classes"):
+    with pytest.raises(
+        RuntimeError, match=r"(?s)fc\.weight file \[1000, 512\] vs model \[10, 512\].*model\.num_classes"
+    ):
         timm.create_model("daslab_resnet18", num_classes=10, checkpoint=str(path))
     model = timm.create_model("das_resnet18", num_classes=10, checkpoint=str(path), checkpoint_strict=False)
     assert model.fc.weight.shape == (10, 512)

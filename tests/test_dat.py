@@ -27,8 +27,14 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def small(variant: str, **overrides) -> dat.DAT:
     """A named variant's block layout, heads and groups at 4 channels per head and 2 blocks per stage."""
     dims = [4 * h for h in variant_args(variant)["heads"]]
-    args = dict(dims=dims, dim_stem=dims[0], depths=[2, 2, 2, 2],
-                stage_spec=[["N", "D"], ["N", "D"], ["N", "D"], ["D", "D"]], img_size=64, num_classes=5)
+    args = dict(
+        dims=dims,
+        dim_stem=dims[0],
+        depths=[2, 2, 2, 2],
+        stage_spec=[["N", "D"], ["N", "D"], ["N", "D"], ["D", "D"]],
+        img_size=64,
+        num_classes=5,
+    )
     return timm.create_model(variant, **{**args, **overrides})
 
 
@@ -38,6 +44,7 @@ def nano(**overrides) -> dat.DAT:
 
 
 # ---------------------------------------------------------------- official state_dict naming scheme
+
 
 def official_dat_pp_keys(dim_stem, dims, depths, heads, groups, img_size=224, num_classes=1000):
     """Key -> shape of the official DAT++ state_dict (conv patches, LPU, DWC-MLP, N/D blocks, default rpe)."""
@@ -127,6 +134,7 @@ def test_dat_tiny_gflops_match_official_measurement():
 
 # ---------------------------------------------------------------- neighborhood attention
 
+
 def brute_force_na(q, k, v, rpb, kernel):
     """Global attention over all positions, masked to each query's neighborhood (NATTEN's definition), with its bias."""
     b, n, hgt, wid, d = q.shape
@@ -145,7 +153,9 @@ def brute_force_na(q, k, v, rpb, kernel):
     return torch.einsum("bnijm,bnmd->bnijd", attn, v.flatten(2, 3))
 
 
-@pytest.mark.parametrize("size,kernel", [((9, 10), 7), ((7, 7), 7), ((4, 6), 7), ((1, 3), 7), ((8, 5), 3), ((11, 13), 5)])
+@pytest.mark.parametrize(
+    "size,kernel", [((9, 10), 7), ((7, 7), 7), ((4, 6), 7), ((1, 3), 7), ((8, 5), 3), ((11, 13), 5)]
+)
 def test_torch_neighborhood_attention_equals_masked_global_attention(size, kernel):
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, *size, 4, generator=gen, dtype=torch.float64) for _ in range(3))
@@ -159,12 +169,13 @@ def test_neighborhood_attention_module_equals_reference():
     module = na.NeighborhoodAttention2D(8, 7, 2).double()
     x = torch.randn(1, 8, 9, 8, dtype=torch.float64)
     qkv = module.qkv(x.permute(0, 2, 3, 1)).reshape(1, 9, 8, 3, 2, 4).permute(3, 0, 4, 1, 2, 5)
-    ref = brute_force_na(qkv[0] * 4 ** -0.5, qkv[1], qkv[2], module.rpb.detach(), 7)
+    ref = brute_force_na(qkv[0] * 4**-0.5, qkv[1], qkv[2], module.rpb.detach(), 7)
     ref = module.proj(ref.permute(0, 2, 3, 1, 4).reshape(1, 9, 8, 8)).permute(0, 3, 1, 2)
     torch.testing.assert_close(module(x), ref)
 
 
 # ---------------------------------------------------------------- model behaviour
+
 
 @pytest.mark.parametrize("variant", ["dat_tiny", "dat_small", "dat_base", "dat_nano"])
 def test_variant_forward_backward(variant):
@@ -199,7 +210,11 @@ def test_odd_and_small_input_sizes(size):
         groups, hk, wk = s.pos.shape[1:4]
         fmap_h, fmap_w = features[s.stage].shape[2:]
         k, st = stage.ksize, stage.stride
-        assert (groups, hk, wk) == (stage.n_groups, (fmap_h + 2 * (k // 2) - k) // st + 1, (fmap_w + 2 * (k // 2) - k) // st + 1)
+        assert (groups, hk, wk) == (
+            stage.n_groups,
+            (fmap_h + 2 * (k // 2) - k) // st + 1,
+            (fmap_w + 2 * (k // 2) - k) // st + 1,
+        )
         assert s.pos.abs().max() <= 1.0
         expected_x = (torch.arange(wk) + 0.5) / (wk - 1) * 2 - 1 if wk > 1 else torch.zeros(wk)
         torch.testing.assert_close(s.reference[0, 0, 0, :, 1], expected_x)
@@ -221,8 +236,16 @@ def test_no_offsets_sample_average_pooled_keys():
     torch.testing.assert_close(sampling[1].pos, sampling[1].reference)
 
 
-@pytest.mark.parametrize("pe", [dict(dwc_pes=[True] * 4), dict(log_cpb=[True] * 4), dict(use_pes=[False] * 4),
-                                dict(offset_range_factor=[2, 2, 2, 2]), dict(use_dwc_mlps=[False] * 4, layer_scale_values=[1e-5] * 4)])
+@pytest.mark.parametrize(
+    "pe",
+    [
+        dict(dwc_pes=[True] * 4),
+        dict(log_cpb=[True] * 4),
+        dict(use_pes=[False] * 4),
+        dict(offset_range_factor=[2, 2, 2, 2]),
+        dict(use_dwc_mlps=[False] * 4, layer_scale_values=[1e-5] * 4),
+    ],
+)
 def test_block_variants_run(pe):
     model = nano(**pe)
     model(torch.randn(1, 3, 32, 32)).sum().backward()
@@ -238,8 +261,12 @@ def test_fixed_position_table_refuses_other_sizes():
 
 def test_no_weight_decay_lists_position_tables():
     names = nano().no_weight_decay()
-    assert names == {"stages.0.attns.1.rpe_table", "stages.1.attns.1.rpe_table", "stages.2.attns.1.rpe_table",
-                     "stages.3.attns.0.rpe_table"}
+    assert names == {
+        "stages.0.attns.1.rpe_table",
+        "stages.1.attns.1.rpe_table",
+        "stages.2.attns.1.rpe_table",
+        "stages.3.attns.0.rpe_table",
+    }
 
 
 def test_invalid_architecture_errors_name_the_key():
@@ -255,6 +282,7 @@ def test_invalid_architecture_errors_name_the_key():
 
 # ---------------------------------------------------------------- checkpoints
 
+
 def test_checkpoint_loads_strictly_and_reproduces_outputs(tmp_path):
     source = nano().eval()
     path = tmp_path / "dat.pth"
@@ -268,7 +296,9 @@ def test_checkpoint_loads_strictly_and_reproduces_outputs(tmp_path):
 def test_checkpoint_with_other_head_names_num_classes_or_keeps_a_fresh_head(tmp_path):
     source = nano()
     torch.save(source.state_dict(), tmp_path / "plain.pth")
-    with pytest.raises(WeightsMismatchError, match=r"(?s)cls_head\.weight file \[4, 128\] vs model \[7, 128\].*model\.num_classes"):
+    with pytest.raises(
+        WeightsMismatchError, match=r"(?s)cls_head\.weight file \[4, 128\] vs model \[7, 128\].*model\.num_classes"
+    ):
         nano(num_classes=7, checkpoint=str(tmp_path / "plain.pth"))
     model = nano(num_classes=7, checkpoint=str(tmp_path / "plain.pth"), checkpoint_strict=False)
     assert model.cls_head.weight.shape == (7, 128)
@@ -297,6 +327,7 @@ def test_position_tables_are_resized_bicubically_for_another_resolution(tmp_path
 
 # ---------------------------------------------------------------- configs
 
+
 @pytest.mark.parametrize("name", ["dat_tiny", "dat_small", "dat_base", "dat_nano"])
 def test_model_config_mirrors_constructor_and_variant(name):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -315,7 +346,9 @@ def test_experiments_compose_and_nano_trains_a_step():
         dogs = compose("train", overrides=["+experiment=dogs_dat_tiny"])
         digits = compose("train", overrides=["+experiment=digits_dat", "model.groups=[1,1,2,2]"])
     assert imagenet.model.dims == [64, 128, 256, 512] and imagenet.task.lr_reference_batch == 1024
-    assert imagenet.optimizer.lr == 1e-3 and imagenet.trainer.max_epochs == 300 and imagenet.scheduler.warmup_epochs == 20
+    assert (
+        imagenet.optimizer.lr == 1e-3 and imagenet.trainer.max_epochs == 300 and imagenet.scheduler.warmup_epochs == 20
+    )
     assert dogs.model.checkpoint.endswith("dat_pp_tiny_in1k_224.pth") and dogs.data.num_classes == 120
     model = instantiate(digits.model)
     assert model.stages[2].attns[1].n_groups == 2 and model.num_classes == digits.data.num_classes

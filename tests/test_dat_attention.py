@@ -57,12 +57,24 @@ def assert_same_training_step(reference: nn.Module, fused: nn.Module, x: torch.T
 
 # ---------------------------------------------------------------- deformable attention (SDPA)
 
+
 @pytest.mark.parametrize("pe", ["table", "log_cpb", "dwc_pe", "none"])
 def test_deformable_attention_sdpa_equals_reference_with_gradients(pe):
     torch.manual_seed(0)
     module = DeformableAttention(
-        (6, 10), n_heads=4, n_head_channels=4, n_groups=2, attn_drop=0.0, proj_drop=0.0, stride=2,
-        offset_range_factor=-1, use_pe=pe != "none", dwc_pe=pe == "dwc_pe", no_off=False, fixed_pe=False, ksize=3,
+        (6, 10),
+        n_heads=4,
+        n_head_channels=4,
+        n_groups=2,
+        attn_drop=0.0,
+        proj_drop=0.0,
+        stride=2,
+        offset_range_factor=-1,
+        use_pe=pe != "none",
+        dwc_pe=pe == "dwc_pe",
+        no_off=False,
+        fixed_pe=False,
+        ksize=3,
         log_cpb=pe == "log_cpb",
     )
     reference, fused = twins(module)
@@ -75,6 +87,7 @@ def test_deformable_attention_sdpa_equals_reference_with_gradients(pe):
 
 
 # ---------------------------------------------------------------- neighborhood attention (flex_attention)
+
 
 def dense_flex_attention(q, k, v, rpb, kernel_size):
     """flex_attention's definition evaluated densely: scores + score_mod, mask_mod outside -> -inf, softmax."""
@@ -113,8 +126,18 @@ def test_flex_window_and_bias_give_reference_outputs_and_gradients(size, kernel)
 
 def tiny_dat(stage_spec, depths, attn_impl="reference"):
     torch.manual_seed(0)
-    return DAT(dim_stem=8, dims=[8, 8, 16, 16], depths=depths, heads=[1, 2, 2, 4], stage_spec=stage_spec,
-               groups=[1, 1, 2, 2], strides=[4, 2, 1, 1], img_size=32, num_classes=3, attn_impl=attn_impl)
+    return DAT(
+        dim_stem=8,
+        dims=[8, 8, 16, 16],
+        depths=depths,
+        heads=[1, 2, 2, 4],
+        stage_spec=stage_spec,
+        groups=[1, 1, 2, 2],
+        strides=[4, 2, 1, 1],
+        img_size=32,
+        num_classes=3,
+        attn_impl=attn_impl,
+    )
 
 
 def test_compiled_flex_block_and_whole_model_equal_reference_in_inference():
@@ -151,6 +174,7 @@ def test_whole_dat_training_step_equal_under_both_paths():
 
 # ---------------------------------------------------------------- choosing the kernel
 
+
 def test_auto_takes_fused_kernels_on_cuda_only_and_reference_under_attention_dropout():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert use_fused("auto", cuda, dropout_active=False) and not use_fused("auto", cpu, dropout_active=False)
@@ -171,6 +195,10 @@ def test_unusable_fused_choices_name_the_fix():
 
 
 def test_attn_impl_changes_no_parameter():
-    keys = {impl: {k: v.shape for k, v in tiny_dat([["N", "D"], ["D"], ["D"], ["D"]], [2, 1, 1, 1], impl).state_dict().items()}
-            for impl in ("reference", "fused")}
+    keys = {
+        impl: {
+            k: v.shape for k, v in tiny_dat([["N", "D"], ["D"], ["D"], ["D"]], [2, 1, 1, 1], impl).state_dict().items()
+        }
+        for impl in ("reference", "fused")
+    }
     assert keys["reference"] == keys["fused"]

@@ -10,7 +10,13 @@ from fake_datasets import make_imagenet_archives, make_stanford_dogs, truncate
 
 
 def _dogs_args(root: Path, tmp_path: Path) -> list[str]:
-    return ["data=stanford_dogs", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.num_classes=3", "data.num_workers=0"]
+    return [
+        "data=stanford_dogs",
+        f"data.root={root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.num_classes=3",
+        "data.num_workers=0",
+    ]
 
 
 def test_good_dataset_passes_with_a_summary_table(tmp_path: Path, capsys) -> None:

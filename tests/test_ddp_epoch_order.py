@@ -53,11 +53,22 @@ class _RecordOrder(L.LightningModule):
 
 def test_ddp_epochs_draw_new_orders_and_split_the_data(tmp_path):
     L.seed_everything(0)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(_RecordOrder(str(tmp_path)), datamodule=_IndexData(batch_size=4, num_workers=0))
-    records = {(rank, epoch): json.loads((tmp_path / f"rank{rank}_epoch{epoch}.json").read_text())
-              for rank in (0, 1) for epoch in (0, 1)}
+    records = {
+        (rank, epoch): json.loads((tmp_path / f"rank{rank}_epoch{epoch}.json").read_text())
+        for rank in (0, 1)
+        for epoch in (0, 1)
+    }
     for epoch in (0, 1):
         # the two ranks split the data: together they see every sample once
         assert sorted(records[0, epoch]["seen"] + records[1, epoch]["seen"]) == list(range(32))

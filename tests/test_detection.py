@@ -36,7 +36,9 @@ class TinyBackbone(nn.Module):
     def __init__(self, num_classes: int = 0, widths: tuple[int, ...] = (8, 16, 24, 32)) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.feature_info = [dict(num_chs=w, reduction=2 ** (i + 2), module=f"stages.{i}") for i, w in enumerate(widths)]
+        self.feature_info = [
+            dict(num_chs=w, reduction=2 ** (i + 2), module=f"stages.{i}") for i, w in enumerate(widths)
+        ]
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1), nn.BatchNorm2d(widths[0]), nn.ReLU())
         inputs = (widths[0],) + tuple(widths[:-1])
         self.stages = nn.ModuleList(
@@ -44,8 +46,9 @@ class TinyBackbone(nn.Module):
         )
         self.fc = nn.Linear(widths[-1], num_classes) if num_classes else nn.Identity()
 
-    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
-                              intermediates_only=False):
+    def forward_intermediates(
+        self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW", intermediates_only=False
+    ):
         take = range(len(self.stages)) if indices is None else indices
         x, features = self.stem(x), []
         for i, stage in enumerate(self.stages):
@@ -68,7 +71,9 @@ def test_fpn_adapter_levels_and_strides() -> None:
     maps = rcnn(x)
     assert list(maps) == ["0", "1", "2", "3", "pool"] and rcnn.out_channels == 16
     assert rcnn.strides == (4, 8, 16, 32, 64)
-    assert [tuple(m.shape) for m in maps.values()] == [(1, 16, 128 // s, 96 // s) for s in (4, 8, 16, 32)] + [(1, 16, 2, 2)]
+    assert [tuple(m.shape) for m in maps.values()] == [(1, 16, 128 // s, 96 // s) for s in (4, 8, 16, 32)] + [
+        (1, 16, 2, 2)
+    ]
     retina = FPNBackbone(TinyBackbone(), (2, 3, 4), out_channels=16, extra_block="p6p7")
     assert retina.strides == (8, 16, 32, 64, 128) and len(retina(x)) == 5
     with pytest.raises(TypeError, match="Linear lacks forward_intermediates, feature_info: detection takes"):
@@ -128,12 +133,22 @@ def test_train_validate_test_writes_coco_results(coco_root: Path, tmp_path: Path
     torch.manual_seed(0)
     masks = detector == "mask_rcnn"
     dm = CocoDataModule(str(coco_root), batch_size=2, num_workers=0, num_classes=3, with_masks=masks)
-    scheduler = partial(create_scheduler_v2, sched="multistep", decay_milestones=[8, 11], warmup_epochs=1, warmup_lr=1e-4)
+    scheduler = partial(
+        create_scheduler_v2, sched="multistep", decay_milestones=[8, 11], warmup_epochs=1, warmup_lr=1e-4
+    )
     module = DetectionModule(TinyBackbone(), _sgd(0.01), scheduler, detector, 3, **TINY)
     trainer = L.Trainer(
-        max_steps=2, max_epochs=12, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_test_batches=1, default_root_dir=str(tmp_path), accelerator="cpu",
+        max_steps=2,
+        max_epochs=12,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_test_batches=1,
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
     )
     trainer.fit(module, datamodule=dm)
     logged = trainer.callback_metrics
@@ -182,9 +197,16 @@ def test_timm_and_das_backbones_train_through_the_same_adapter(coco_root: Path, 
     if gates:
         gates[0].register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
     trainer = L.Trainer(
-        max_steps=2, max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=str(tmp_path), accelerator="cpu",
+        max_steps=2,
+        max_epochs=2,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
     )
     trainer.fit(module, datamodule=dm)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -216,12 +238,29 @@ def test_experiments_compose_and_build(experiment: str, detector: str) -> None:
 @pytest.mark.slow
 def test_cli_trains_and_tests_a_detector(coco_root: Path, tmp_path: Path) -> None:
     command = [
-        str(Path(sys.executable).with_name("das-lab")), "train", "data=coco", "task=detection", "model=resnet_tiny",
-        "model.num_classes=0", f"data.root={coco_root}", "data.num_classes=3", "data.num_workers=0",
-        "task.min_size=64", "task.max_size=96", "task.fpn_channels=16", "task.box_head_dim=32",
-        "monitor=val/map", "flops_image_size=64", "trainer.max_steps=2", "trainer.max_epochs=1",
-        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
-        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}",
+        str(Path(sys.executable).with_name("das-lab")),
+        "train",
+        "data=coco",
+        "task=detection",
+        "model=resnet_tiny",
+        "model.num_classes=0",
+        f"data.root={coco_root}",
+        "data.num_classes=3",
+        "data.num_workers=0",
+        "task.min_size=64",
+        "task.max_size=96",
+        "task.fpn_channels=16",
+        "task.box_head_dim=32",
+        "monitor=val/map",
+        "flops_image_size=64",
+        "trainer.max_steps=2",
+        "trainer.max_epochs=1",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"paths.log_dir={tmp_path}",
     ]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -234,9 +273,14 @@ def test_cli_trains_and_tests_a_detector(coco_root: Path, tmp_path: Path) -> Non
     assert isinstance(json.loads((run_dir / "detections_test.json").read_text()), list)
 
     evaluate = [
-        str(Path(sys.executable).with_name("das-lab")), "eval", f"ckpt_path={metrics['ckpt_best']}",
-        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}",
+        str(Path(sys.executable).with_name("das-lab")),
+        "eval",
+        f"ckpt_path={metrics['ckpt_best']}",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"paths.log_dir={tmp_path}",
     ]
     run = subprocess.run(evaluate, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

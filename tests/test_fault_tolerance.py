@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import DAS_LAB, TINY, read_metrics, run_cli, run_dirs
+from cli_helpers import DAS_LAB, TINY, read_metrics, run_cli, run_console, run_dirs
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +38,13 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
 
     # one thread like the runs in this process (tests/conftest.py): the same sums in the same order
     env = {**os.environ, "DAS_LAB_LOGS": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([DAS_LAB, "train", *RESUMABLE, f"hydra.run.dir={killed_dir}"], cwd=tmp_path, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [DAS_LAB, "train", *RESUMABLE, f"hydra.run.dir={killed_dir}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     last = killed_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
     while not last.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -68,8 +73,9 @@ def test_incompatible_checkpoint_lists_mismatches(tmp_path):
     trained = run_cli(["train", *TINY, "model=resnet_tiny", "test=false"], cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     checkpoint = run_dirs(tmp_path)[0] / "checkpoints" / "last.ckpt"
-    result = run_cli(["train", *TINY, "model=das_resnet_tiny", "data.num_classes=10", f"ckpt_path={checkpoint}"],
-                     cwd=tmp_path)
+    result = run_cli(
+        ["train", *TINY, "model=das_resnet_tiny", "data.num_classes=10", f"ckpt_path={checkpoint}"], cwd=tmp_path
+    )
     assert result.returncode == 2
     assert "missing from the file: net.stage_gates" in result.stderr
     assert "hint: check that the file belongs to this architecture" in result.stderr
@@ -84,20 +90,30 @@ def test_invalid_model_value_names_the_key(tmp_path):
 
 
 def test_ddp_two_processes_share_one_run_folder(tmp_path):
-    args = [*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.limit_val_batches=null",
-            "model=resnet_tiny"]
-    result = run_cli(["train", *args], cwd=tmp_path)
+    args = [
+        *TINY,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.limit_val_batches=null",
+        "model=resnet_tiny",
+    ]
+    # its own process: rank 0 would otherwise leave this test process in a torch.distributed group
+    result = run_console(["train", *args], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
     assert sorted(p.name for p in (tmp_path / "outputs").glob("*/*")) == [run_dir.name]
-    assert "model ResNet" in (run_dir / "train_ddp_process_1.log").read_text() or \
-        "model DASResNet" in (run_dir / "train_ddp_process_1.log").read_text()
+    assert (
+        "model ResNet" in (run_dir / "train_ddp_process_1.log").read_text()
+        or "model DASResNet" in (run_dir / "train_ddp_process_1.log").read_text()
+    )
     metrics = read_metrics(run_dir)
     assert metrics["status"] == "completed"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
     # the logged val metrics cover the whole val set split over both ranks: one process agrees
-    evaluated = run_cli(["eval", f"ckpt_path={metrics['ckpt_best']}", "splits=[val]", "trainer.enable_progress_bar=false"],
-                        cwd=tmp_path)
+    evaluated = run_cli(
+        ["eval", f"ckpt_path={metrics['ckpt_best']}", "splits=[val]", "trainer.enable_progress_bar=false"], cwd=tmp_path
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     single = read_metrics(run_dirs(tmp_path)[-1])["final"]
     assert single["val/acc1"] == pytest.approx(metrics["final"]["val/acc1"], abs=1e-6)
@@ -108,8 +124,14 @@ def test_torchrun_ranks_share_one_run_folder(tmp_path):
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     args = [*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model=resnet_tiny"]
     env = {**os.environ, "DAS_LAB_LOGS": str(tmp_path)}
-    result = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "das_lab.cli", "train", *args],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "das_lab.cli", "train", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs").glob("*/*")
     assert run_dir.name.startswith("torchrun-")

@@ -61,7 +61,8 @@ def test_das_gate_total_is_its_convolutions_plus_deformable_sampling():
         n * c * k  # depthwise 3x3
         + n * c * h  # pointwise C -> hidden
         + n * 18 * h * k  # offset predictor hidden -> 2*9
-        + n * c * h * k + n * h * k * 4  # deformable conv hidden -> C and its bilinear sampling
+        + n * c * h * k
+        + n * h * k * 4  # deformable conv hidden -> C and its bilinear sampling
     )
     assert count_flops(gate, (1, 4, 6, 6)) == 2 * macs
     assert count_gmacs(gate, (1, 4, 6, 6)) == pytest.approx(macs / 1e9)
@@ -69,8 +70,20 @@ def test_das_gate_total_is_its_convolutions_plus_deformable_sampling():
 
 def test_dat_deformable_attention_counts_both_grid_samples():
     attn = DeformableAttention(
-        (8, 8), n_heads=2, n_head_channels=4, n_groups=1, attn_drop=0.0, proj_drop=0.0, stride=2,
-        offset_range_factor=-1.0, use_pe=True, dwc_pe=False, no_off=False, fixed_pe=False, ksize=3, log_cpb=False,
+        (8, 8),
+        n_heads=2,
+        n_head_channels=4,
+        n_groups=1,
+        attn_drop=0.0,
+        proj_drop=0.0,
+        stride=2,
+        offset_range_factor=-1.0,
+        use_pe=True,
+        dwc_pe=False,
+        no_off=False,
+        fixed_pe=False,
+        ksize=3,
+        log_cpb=False,
     )
     counts = _counts(lambda: attn(torch.randn(1, 8, 8, 8)))
     keys = 4 * 4

@@ -62,7 +62,9 @@ def trained(tmp_path_factory):
 
 
 def _snapshot(run_dir: Path) -> dict[str, bytes]:
-    return {name: (run_dir / name).read_bytes() for name in ("metrics.json", ".hydra/config.yaml", ".hydra/overrides.yaml")}
+    return {
+        name: (run_dir / name).read_bytes() for name in ("metrics.json", ".hydra/config.yaml", ".hydra/overrides.yaml")
+    }
 
 
 def test_diverging_das_model_stops_in_one_line_with_records(tmp_path):
@@ -256,8 +258,17 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DAS_LAB_LOGS", str(tmp_path))
     run_dir = tmp_path / "run"
     args = [a for a in TINY if not a.startswith("trainer.max_epochs")]
-    status = main(["train", *args, "model=resnet_tiny", "trainer.max_epochs=2", "test=false", f"hydra.run.dir={run_dir}",
-                   "callbacks.model_checkpoint.save_top_k=-1"])  # every epoch saves, so epoch 1 writes last.ckpt
+    status = main(
+        [
+            "train",
+            *args,
+            "model=resnet_tiny",
+            "trainer.max_epochs=2",
+            "test=false",
+            f"hydra.run.dir={run_dir}",
+            "callbacks.model_checkpoint.save_top_k=-1",
+        ]
+    )  # every epoch saves, so epoch 1 writes last.ckpt
     assert status == 2
     assert f"das-lab: error: No space left on device: {run_dir / 'checkpoints'}" in capsys.readouterr().err
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

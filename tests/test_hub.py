@@ -45,7 +45,13 @@ def test_push_to_hub_uploads_the_exported_folder(tiny_checkpoint, hub, hub_env, 
     _, ckpt = tiny_checkpoint
     hub_env.setenv("HF_TOKEN", TOKEN)
     out = tmp_path / "hub"
-    args = [f"ckpt_path={ckpt}", f"out={out}", "push_to_hub=my-lab/das-tiny", "private=true", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [
+        f"ckpt_path={ckpt}",
+        f"out={out}",
+        "push_to_hub=my-lab/das-tiny",
+        "private=true",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     assert export_main(args) == 0, capsys.readouterr().err[-3000:]
     assert f"uploaded to the Hub: {hub.url}/my-lab/das-tiny/commit/" in capsys.readouterr().out
 
@@ -75,7 +81,9 @@ def test_missing_token_or_unreachable_hub_is_one_line_and_keeps_the_folder(tiny_
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     hub_env.setattr(constants, "ENDPOINT", endpoint)
     out = tmp_path / "b"
-    line = error_line(export_main, [f"ckpt_path={ckpt}", f"out={out}", "push_to_hub=my-lab/das-tiny"], run / "2", capsys)
+    line = error_line(
+        export_main, [f"ckpt_path={ckpt}", f"out={out}", "push_to_hub=my-lab/das-tiny"], run / "2", capsys
+    )
     assert line.startswith(f"das-lab: error: push_to_hub=my-lab/das-tiny: upload to {endpoint} failed (")
     assert line.endswith(f"; the export stays in {out}; upload it later with `hf upload my-lab/das-tiny {out} .`")
     assert sorted(path.name for path in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
@@ -84,10 +92,15 @@ def test_missing_token_or_unreachable_hub_is_one_line_and_keeps_the_folder(tiny_
 def test_bad_repo_id_or_format_is_refused_before_exporting(tmp_path, capsys):
     run, out = tmp_path / "run", tmp_path / "out"
     line = error_line(export_main, ["ckpt_path=x.ckpt", f"out={out}", "push_to_hub=das-tiny"], run, capsys)
-    assert line == ("das-lab: error: push_to_hub=das-tiny: not a Hub repository id (expected one '/' between owner "
-                    "and name); give ORG/NAME, e.g. push_to_hub=my-lab/das-r50")
+    assert line == (
+        "das-lab: error: push_to_hub=das-tiny: not a Hub repository id (expected one '/' between owner "
+        "and name); give ORG/NAME, e.g. push_to_hub=my-lab/das-r50"
+    )
     line = error_line(export_main, ["ckpt_path=x.ckpt", f"out={out}", "push_to_hub=my lab/x"], run, capsys)
     assert line.startswith("das-lab: error: push_to_hub=my lab/x: not a Hub repository id (")
     line = error_line(export_main, ["ckpt_path=x.ckpt", f"out={out}", "format=onnx", "push_to_hub=a/b"], run, capsys)
-    assert line == "das-lab: error: push_to_hub uploads timm folders; drop push_to_hub or export with format=timm (not format=onnx)"
+    assert (
+        line
+        == "das-lab: error: push_to_hub uploads timm folders; drop push_to_hub or export with format=timm (not format=onnx)"
+    )
     assert not Path(out).exists()

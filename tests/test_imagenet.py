@@ -8,14 +8,30 @@ from pathlib import Path
 import pytest
 
 from das_lab.data.imagenet import ImageNetDataModule, readable_names
-from fake_datasets import IMAGENET_WNIDS, class_colour, devkit_ids, make_imagenet_archives, make_imagenet_folders, snapshot
+from fake_datasets import (
+    IMAGENET_WNIDS,
+    class_colour,
+    devkit_ids,
+    make_imagenet_archives,
+    make_imagenet_folders,
+    snapshot,
+)
 
 
 def imagenet(root: Path, cache: Path, **overrides) -> ImageNetDataModule:
     args = dict(
-        root=str(root), cache_dir=str(cache), image_size=32, num_classes=4, max_per_class=None, verify_md5=False,
-        train_augment={"scale": [0.5, 1.0], "hflip": 0.5}, crop_pct=0.875, eval_interpolation="bilinear",
-        skip_corrupt=False, batch_size=4, num_workers=0,
+        root=str(root),
+        cache_dir=str(cache),
+        image_size=32,
+        num_classes=4,
+        max_per_class=None,
+        verify_md5=False,
+        train_augment={"scale": [0.5, 1.0], "hflip": 0.5},
+        crop_pct=0.875,
+        eval_interpolation="bilinear",
+        skip_corrupt=False,
+        batch_size=4,
+        num_workers=0,
     )
     args.update(overrides)
     return ImageNetDataModule(**args)
@@ -71,7 +87,10 @@ def test_class_subset_is_evenly_spaced_and_max_per_class_caps_train(tmp_path: Pa
     dm = imagenet(root, tmp_path / "cache", num_classes=2, max_per_class=1)
     dm.setup()
     assert dm.class_names == ["tench", "great white shark"]
-    assert [(Path(p).parent.name, label) for p, label in dm.train_set.samples] == [(IMAGENET_WNIDS[0], 0), (IMAGENET_WNIDS[2], 1)]
+    assert [(Path(p).parent.name, label) for p, label in dm.train_set.samples] == [
+        (IMAGENET_WNIDS[0], 0),
+        (IMAGENET_WNIDS[2], 1),
+    ]
     assert sorted(dm.val_set.targets) == [0, 0, 1, 1]
     with pytest.raises(ValueError, match=r"data.num_classes=5 but .* has 4 class folders"):
         imagenet(root, tmp_path / "cache", num_classes=5).setup()

@@ -18,19 +18,22 @@ from hydra.utils import instantiate
 from litdata import StreamingDataset
 
 from cli_helpers import error_line
-from fake_datasets import IMAGENET_WNIDS, make_stanford_dogs, snapshot, truncate
-from litdata_node import FIRST_WIDTH, Recorder, node, shards_datamodule, trainer, unique_imagenet
-
 from das_lab.cli import data_main
 from das_lab.data.convert import main as convert_main
 from das_lab.data.litdata_shards import METADATA_FILE, ShardsError, read_metadata
-from das_lab.data.verify import compose_config, main as verify_main
+from das_lab.data.verify import compose_config
+from das_lab.data.verify import main as verify_main
+from fake_datasets import IMAGENET_WNIDS, make_stanford_dogs, snapshot, truncate
+from litdata_node import FIRST_WIDTH, Recorder, node, shards_datamodule, trainer, unique_imagenet
 
 TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 1
 TRAIN_IMAGES = TRAIN_PER_CLASS * len(IMAGENET_WNIDS)
 # unique_imagenet gives each class TRAIN_PER_CLASS training widths, then VAL_PER_CLASS validation widths
-TRAIN_IDS = [FIRST_WIDTH + (TRAIN_PER_CLASS + VAL_PER_CLASS) * label + n
-             for label in range(len(IMAGENET_WNIDS)) for n in range(TRAIN_PER_CLASS)]
+TRAIN_IDS = [
+    FIRST_WIDTH + (TRAIN_PER_CLASS + VAL_PER_CLASS) * label + n
+    for label in range(len(IMAGENET_WNIDS))
+    for n in range(TRAIN_PER_CLASS)
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +44,15 @@ def converted(tmp_path_factory) -> tuple[Path, Path]:
     truncate(next((root / "val" / IMAGENET_WNIDS[2]).iterdir()))  # stored as is; data verify must find it
     before = snapshot(root)
     out = base / "shards"
-    args = ["data=imagenet", f"data.root={root}", "data.num_classes=4", f"out={out}", "num_workers=1",
-            "chunk_bytes=2kb", f"hydra.run.dir={base / 'run'}"]
+    args = [
+        "data=imagenet",
+        f"data.root={root}",
+        "data.num_classes=4",
+        f"out={out}",
+        "num_workers=1",
+        "chunk_bytes=2kb",
+        f"hydra.run.dir={base / 'run'}",
+    ]
     assert data_main(["convert", *args]) == 0
     assert snapshot(root) == before  # nothing written into data.root
     return root, out
@@ -62,28 +72,47 @@ def test_conversion_keeps_every_image_and_label(converted):
     folder = datamodule(root)
     metadata = json.loads((out / METADATA_FILE).read_text())
     assert metadata["class_names"] == folder.class_names == ["tench", "goldfish", "great white shark", "tiger shark"]
-    assert {split: entry["dir"] for split, entry in metadata["splits"].items()} == {"train": "train", "val": "val", "test": "val"}
+    assert {split: entry["dir"] for split, entry in metadata["splits"].items()} == {
+        "train": "train",
+        "val": "val",
+        "test": "val",
+    }
     for split in ("train", "val"):
         records = StreamingDataset(str(out / split))
         assert len(records.subsampled_files) > 1  # several chunks
         assert Counter((r["image"], r["label"]) for r in records) == Counter(
-            (Path(path).read_bytes(), label) for path, label in getattr(folder, f"{split}_set").samples)
+            (Path(path).read_bytes(), label) for path, label in getattr(folder, f"{split}_set").samples
+        )
     stored = [r["label"] for r in StreamingDataset(str(out / "train"))]
     assert stored != sorted(stored)  # written in shuffled order: chunks mix the classes
     shards = datamodule(out, "data.format=litdata")
     assert shards.class_names == folder.class_names
-    from_folder = sorted((label, image.flatten().tolist()) for image, label in map(folder.train_set.__getitem__,
-                                                                                   range(len(folder.train_set))))
+    from_folder = sorted(
+        (label, image.flatten().tolist())
+        for image, label in map(folder.train_set.__getitem__, range(len(folder.train_set)))
+    )
     assert sorted((label, image.flatten().tolist()) for image, label in shards.train_set) == from_folder
 
 
 def test_stanford_dogs_convert_with_their_breeds(tmp_path):
     dogs = make_stanford_dogs(tmp_path / "dogs", train_per_class=2, test_per_class=1)
     out = tmp_path / "shards"
-    assert convert_main(["data=stanford_dogs", f"data.root={dogs.root}", "data.num_classes=3", f"out={out}",
-                         "num_workers=1", f"hydra.run.dir={tmp_path / 'run'}"]) == 0
-    shards = instantiate(compose_config(["data=stanford_dogs", "data.format=litdata", f"data.root={out}",
-                                         "data.num_classes=3"]).data)
+    assert (
+        convert_main(
+            [
+                "data=stanford_dogs",
+                f"data.root={dogs.root}",
+                "data.num_classes=3",
+                f"out={out}",
+                "num_workers=1",
+                f"hydra.run.dir={tmp_path / 'run'}",
+            ]
+        )
+        == 0
+    )
+    shards = instantiate(
+        compose_config(["data=stanford_dogs", "data.format=litdata", f"data.root={out}", "data.num_classes=3"]).data
+    )
     shards.setup()
     assert shards.class_names == ["Chihuahua", "Japanese spaniel", "Maltese dog"]
     assert sorted(r["path"] for r in StreamingDataset(str(out / "val"))) == sorted(f"Images/{f}" for f in dogs.test)
@@ -100,8 +129,15 @@ def test_rerun_finishes_an_interrupted_conversion(converted, tmp_path, capsys):
     shutil.rmtree(partial / "val")
     with pytest.raises(ShardsError, match="interrupted .* finish it by running the same command again"):
         read_metadata(str(partial), "imagenet")
-    args = ["data=imagenet", f"data.root={root}", "data.num_classes=4", f"out={partial}", "num_workers=1",
-            "chunk_bytes=2kb", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [
+        "data=imagenet",
+        f"data.root={root}",
+        "data.num_classes=4",
+        f"out={partial}",
+        "num_workers=1",
+        "chunk_bytes=2kb",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     finished = snapshot(partial / "train")
     assert convert_main(args) == 0
     assert snapshot(partial / "train") == finished  # the finished split is kept, not written again
@@ -109,9 +145,11 @@ def test_rerun_finishes_an_interrupted_conversion(converted, tmp_path, capsys):
     capsys.readouterr()
     assert convert_main(args) == 2
     assert capsys.readouterr().err.splitlines()[0] == (
-        f"das-lab: error: out={partial} already holds a complete conversion ({METADATA_FILE}); choose another out")
+        f"das-lab: error: out={partial} already holds a complete conversion ({METADATA_FILE}); choose another out"
+    )
     assert Counter(r["image"] for r in StreamingDataset(str(partial / "val"))) == Counter(
-        r["image"] for r in StreamingDataset(str(out / "val")))
+        r["image"] for r in StreamingDataset(str(out / "val"))
+    )
 
 
 class Interrupt(Exception):
@@ -138,12 +176,14 @@ def test_resume_mid_epoch_ends_like_an_uninterrupted_run(converted, tmp_path, wo
         L.seed_everything(0)
         module = Recorder()
         if stop_at is None:
-            trainer(max_epochs=2).fit(module, datamodule=shards_datamodule(out, 4, workers), ckpt_path=ckpt_path,
-                                      weights_only=True)
+            trainer(max_epochs=2).fit(
+                module, datamodule=shards_datamodule(out, 4, workers), ckpt_path=ckpt_path, weights_only=True
+            )
         else:
             with pytest.raises(Interrupt):
                 trainer(max_epochs=2, callbacks=[SaveAndInterrupt(stop_at, tmp_path / "mid.ckpt")]).fit(
-                    module, datamodule=shards_datamodule(out, 4, workers))
+                    module, datamodule=shards_datamodule(out, 4, workers)
+                )
         return module
 
     whole = run()
@@ -163,9 +203,24 @@ def test_two_nodes_see_every_training_image_once_per_epoch(converted, tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     fork = multiprocessing.get_context("fork")  # no second start-up of torch and Lightning
-    nodes = [fork.Process(target=node, args=(out, tmp_path / f"node{rank}.json", 2, {
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank), "LOCAL_RANK": "0", "NNODES": "2",
-    })) for rank in (0, 1)]
+    nodes = [
+        fork.Process(
+            target=node,
+            args=(
+                out,
+                tmp_path / f"node{rank}.json",
+                2,
+                {
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port),
+                    "NODE_RANK": str(rank),
+                    "LOCAL_RANK": "0",
+                    "NNODES": "2",
+                },
+            ),
+        )
+        for rank in (0, 1)
+    ]
     for process in nodes:
         process.start()
     for process in nodes:
@@ -181,33 +236,48 @@ def test_two_nodes_see_every_training_image_once_per_epoch(converted, tmp_path):
 
 def test_verify_reads_converted_data(converted, capsys):
     _, out = converted
-    assert verify_main(["data=imagenet", "data.format=litdata", f"data.root={out}", "data.num_classes=4",
-                        "data.num_workers=0"]) == 1
+    assert (
+        verify_main(
+            ["data=imagenet", "data.format=litdata", f"data.root={out}", "data.num_classes=4", "data.num_workers=0"]
+        )
+        == 1
+    )
     captured = capsys.readouterr()
     assert re.search(r"layout +LitData shards in .*shards \(converted from folder layout", captured.out)
     assert re.search(r"train images +16 ", captured.out)
     assert re.search(r"train unreadable +0 of 16 decoded", captured.out)
     assert re.search(r"val unreadable +1 of 4 decoded +0 +PROBLEM", captured.out)
     assert re.search(r"test unreadable +same images as val", captured.out)
-    assert re.search(rf"{out / 'val'} record \d \(val/n01484850/n01484850_\d+.JPEG\): cannot decode image \(.*\); "
-                     r"replace that file in the dataset folder and convert again\n", captured.err)
+    assert re.search(
+        rf"{out / 'val'} record \d \(val/n01484850/n01484850_\d+.JPEG\): cannot decode image \(.*\); "
+        r"replace that file in the dataset folder and convert again\n",
+        captured.err,
+    )
 
 
 def test_bad_shards_give_one_line(converted, tmp_path, capsys, monkeypatch):
     _, out = converted
     assert verify_main(["data=imagenet", "data.format=litdata", f"data.root={out}", "data.num_classes=3"]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err[1] == (f"data.root={out} was converted with 4 classes but data.num_classes=3; set data.num_classes=4, "
-                      "or convert again with data.num_classes=3 into another out")
+    assert err[1] == (
+        f"data.root={out} was converted with 4 classes but data.num_classes=3; set data.num_classes=4, "
+        "or convert again with data.num_classes=3 into another out"
+    )
     assert verify_main(["data=imagenet", "data.format=litdata", f"data.root={tmp_path}"]) == 1
-    assert "no converted dataset there (no das_lab_shards.json); create it with: das-lab data convert data=imagenet" in (
-        capsys.readouterr().err)
+    assert (
+        "no converted dataset there (no das_lab_shards.json); create it with: das-lab data convert data=imagenet"
+        in (capsys.readouterr().err)
+    )
     assert error_line(convert_main, ["data=digits", f"out={tmp_path / 'shards'}"], tmp_path / "run", capsys) == (
-        "das-lab: error: data=digits cannot be converted to shards; choose data=imagenet or data=stanford_dogs")
+        "das-lab: error: data=digits cannot be converted to shards; choose data=imagenet or data=stanford_dogs"
+    )
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "none")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "none")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    with pytest.raises(ShardsError, match=r"^data.root=s3://no-bucket/shards: cannot read s3://no-bucket/shards/"
-                                          r"das_lab_shards.json \(.*\); check the URL and your credentials"):
+    with pytest.raises(
+        ShardsError,
+        match=r"^data.root=s3://no-bucket/shards: cannot read s3://no-bucket/shards/"
+        r"das_lab_shards.json \(.*\); check the URL and your credentials",
+    ):
         read_metadata("s3://no-bucket/shards", "imagenet")

@@ -24,7 +24,12 @@ def test_resumed_csv_logger_keeps_earlier_rows_and_replaces_repeated_steps(tmp_p
     resumed.log_metrics({"train/loss": 30.0, "val/acc1": 0.5}, step=3)
     resumed.save()
     rows = _rows(tmp_path / "csv" / "metrics.csv")
-    assert [(row["step"], row["train/loss"]) for row in rows] == [("0", "0.0"), ("1", "1.0"), ("2", "2.0"), ("3", "30.0")]
+    assert [(row["step"], row["train/loss"]) for row in rows] == [
+        ("0", "0.0"),
+        ("1", "1.0"),
+        ("2", "2.0"),
+        ("3", "30.0"),
+    ]
     assert rows[-1]["val/acc1"] == "0.5" and rows[0]["val/acc1"] == ""
 
 
@@ -32,8 +37,9 @@ def test_resumed_csv_logger_keeps_earlier_rows_and_replaces_repeated_steps(tmp_p
 def test_resume_with_ckpt_path_last_continues_the_csv_history(tmp_path):
     assert run_cli(["train", *TINY, "test=false"], cwd=tmp_path).returncode == 0
     (run,) = run_dirs(tmp_path)
-    resumed = run_cli(["train", *TINY, "test=false", "trainer.max_epochs=2", f"hydra.run.dir={run}", "ckpt_path=last"],
-                      cwd=tmp_path)
+    resumed = run_cli(
+        ["train", *TINY, "test=false", "trainer.max_epochs=2", f"hydra.run.dir={run}", "ckpt_path=last"], cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_metrics(run)["status"] == "completed"
     epochs = [row["epoch"] for row in _rows(run / "csv" / "metrics.csv") if row.get("val/acc1")]

@@ -12,11 +12,11 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from cli_helpers import error_line, run_cli
-from das_lab.data.digits import DigitsDataModule
 from das_lab.data.decode import read_rgb
+from das_lab.data.digits import DigitsDataModule
 from das_lab.export import main as export_main
-from das_lab.predict import main as predict_main
 from das_lab.pipeline import restore_checkpoint
+from das_lab.predict import main as predict_main
 from das_lab.visualize import eval_transform
 
 

@@ -43,12 +43,29 @@ def detector(tmp_path_factory) -> tuple[str, Path]:
     """A Faster R-CNN on the tiny DAS-ResNet after one step on a fake COCO: (checkpoint, its val images)."""
     root = tmp_path_factory.mktemp("detector")
     coco = make_fake_coco(root / "coco", num_train=4, num_val=3)
-    ckpt = _train([
-        "data=coco", f"data.root={coco}", "data.num_classes=3", "data.num_workers=0", "task=detection",
-        "task.min_size=64", "task.max_size=96", "task.fpn_channels=16", "task.box_head_dim=32",
-        "model=das_resnet_tiny", "model.num_classes=0", "monitor=val/map", "flops_image_size=null", "test=false",
-        "trainer.max_epochs=1", "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", *QUIET,
-    ], root / "run")
+    ckpt = _train(
+        [
+            "data=coco",
+            f"data.root={coco}",
+            "data.num_classes=3",
+            "data.num_workers=0",
+            "task=detection",
+            "task.min_size=64",
+            "task.max_size=96",
+            "task.fpn_channels=16",
+            "task.box_head_dim=32",
+            "model=das_resnet_tiny",
+            "model.num_classes=0",
+            "monitor=val/map",
+            "flops_image_size=null",
+            "test=false",
+            "trainer.max_epochs=1",
+            "trainer.limit_val_batches=1",
+            "trainer.num_sanity_val_steps=0",
+            *QUIET,
+        ],
+        root / "run",
+    )
     return ckpt, coco / "val2017"
 
 
@@ -77,8 +94,16 @@ def test_detection_writes_coco_json_with_category_names_and_draws_boxes(detector
     assert stored == {"names": ["car", "cat", "toothbrush"], "category_ids": [3, 17, 90]}
     inputs = _inputs(tmp_path / "photos", sorted(val_images.glob("*.jpg"))[:3])
     out, boxes = tmp_path / "dets.json", tmp_path / "boxes"
-    args = [f"ckpt_path={ckpt}", f"inputs={inputs}", f"out={out}", f"boxes_dir={boxes}", "box_threshold=0.0",
-            "batch_size=2", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [
+        f"ckpt_path={ckpt}",
+        f"inputs={inputs}",
+        f"out={out}",
+        f"boxes_dir={boxes}",
+        "box_threshold=0.0",
+        "batch_size=2",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     assert predict_main(args) == 0
     captured = capsys.readouterr()
     assert f"3 image(s) labelled: {out}" in captured.out
@@ -111,8 +136,9 @@ def test_detection_writes_coco_json_with_category_names_and_draws_boxes(detector
     for path in files:
         original, painted = read_rgb(path), read_rgb(boxes / path.relative_to(inputs).with_suffix(".png"))
         assert painted.shape == original.shape
-        has_boxes = any(a["file_name"] == str(path) for a in written["images"]
-                        if any(b["image_id"] == a["id"] for b in annotations))
+        has_boxes = any(
+            a["file_name"] == str(path) for a in written["images"] if any(b["image_id"] == a["id"] for b in annotations)
+        )
         assert bool((painted != original).any()) == has_boxes
 
 
@@ -151,7 +177,12 @@ def test_a_checkpoint_without_class_names_is_labelled_by_index_with_a_note(tiny_
     torch.save(checkpoint, older)
     Image.new("RGB", (20, 20), (200, 200, 200)).save(tmp_path / "grey.png")
     run = tmp_path / "run"
-    args = [f"ckpt_path={older}", f"inputs={tmp_path / 'grey.png'}", f"out={tmp_path / 'out.csv'}", f"hydra.run.dir={run}"]
+    args = [
+        f"ckpt_path={older}",
+        f"inputs={tmp_path / 'grey.png'}",
+        f"out={tmp_path / 'out.csv'}",
+        f"hydra.run.dir={run}",
+    ]
     assert predict_main(args) == 0
     with open(tmp_path / "out.csv", newline="") as handle:
         (row,) = list(csv.DictReader(handle))
@@ -166,9 +197,13 @@ def test_predict_inputs_and_options_are_checked_in_one_line(detector, segmentor,
         Image.new("RGB", (20, 20)).save(tmp_path / "photos" / name)
     run = tmp_path / "run"
     line = error_line(predict_main, [f"ckpt_path={segmentor[0]}", f"inputs={tmp_path / 'photos'}"], run, capsys)
-    assert line == ("das-lab: error: inputs: several files would be written as a.png (they differ only in their "
-                    "suffix); give inputs a glob that picks one of them, e.g. inputs='photos/*.jpg'")
+    assert line == (
+        "das-lab: error: inputs: several files would be written as a.png (they differ only in their "
+        "suffix); give inputs a glob that picks one of them, e.g. inputs='photos/*.jpg'"
+    )
     args = [f"ckpt_path={segmentor[0]}", f"inputs={tmp_path / 'photos' / 'a.jpg'}", f"boxes_dir={tmp_path / 'b'}"]
     line = error_line(predict_main, args, run, capsys)
-    assert line == (f"das-lab: error: boxes_dir={tmp_path / 'b'}: boxes are drawn for detection checkpoints; "
-                    f"{segmentor[0]} holds a SegmentationModule, drop boxes_dir")
+    assert line == (
+        f"das-lab: error: boxes_dir={tmp_path / 'b'}: boxes are drawn for detection checkpoints; "
+        f"{segmentor[0]} holds a SegmentationModule, drop boxes_dir"
+    )

@@ -42,9 +42,15 @@ def test_profile_prints_the_table_and_writes_csv(tmp_path):
 
 def test_compare_and_resolution_curve(tmp_path):
     result = run_cli(
-        ["profile", "profile.compare=[resnet_tiny,das_resnet_tiny]", "profile.resolutions=[32,64]",
-         "profile.timing_limit_gmacs.cpu=0.001", *FAST],
-        tmp_path, env=ONE_THREAD,
+        [
+            "profile",
+            "profile.compare=[resnet_tiny,das_resnet_tiny]",
+            "profile.resolutions=[32,64]",
+            "profile.timing_limit_gmacs.cpu=0.001",
+            *FAST,
+        ],
+        tmp_path,
+        env=ONE_THREAD,
     )
     assert result.returncode == 0, result.stderr
     (run_dir,) = run_dirs(tmp_path)
@@ -99,7 +105,12 @@ def test_help_lists_only_the_groups_profile_uses(tmp_path):
     assert result.returncode == 0, result.stderr
     groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     assert [line.split(":")[0] for line in groups.splitlines() if ": " in line] == [
-        "data", "model", "task", "optimizer", "scheduler", "paths"
+        "data",
+        "model",
+        "task",
+        "optimizer",
+        "scheduler",
+        "paths",
     ]
     assert "das_resnet_tiny" in groups
     assert not (tmp_path / "outputs").exists()

@@ -26,8 +26,17 @@ def _job(sweep: Path, num: int, overrides: list[str], metrics: dict | None, moni
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"monitor": monitor, "seed": 0}))
     if metrics is not None:
-        payload = {"status": "completed", "final": {}, "best": {}, "params": 1_500_000, "gflops": 0.25,
-                   "overrides": overrides, "wall_time_s": 75.0, "ckpt_best": None, **metrics}
+        payload = {
+            "status": "completed",
+            "final": {},
+            "best": {},
+            "params": 1_500_000,
+            "gflops": 0.25,
+            "overrides": overrides,
+            "wall_time_s": 75.0,
+            "ckpt_best": None,
+            **metrics,
+        }
         (folder / "metrics.json").write_text(json.dumps(payload))
     return folder
 
@@ -69,7 +78,15 @@ def test_report_of_partial_sweep_with_seeds(tmp_path):
 
     lines = text.splitlines()
     assert [cell.strip() for cell in lines[0].split("|")[1:-1]] == [
-        "job", "model", "seed", "params (M)", "GFLOPs", "best val/acc1 (%)", "final val/acc1 (%)", "time", "status"
+        "job",
+        "model",
+        "seed",
+        "params (M)",
+        "GFLOPs",
+        "best val/acc1 (%)",
+        "final val/acc1 (%)",
+        "time",
+        "status",
     ]
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines[2:]]
     assert [r[0] for r in rows] == ["0", "1", "2", "3", "4", "5"]
@@ -113,7 +130,9 @@ def test_report_of_missing_folder_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_by_two_sweep_report(tmp_path):
-    result = run_cli(["train", "-m", "hydra/launcher=basic", "model=resnet_tiny,das_resnet_tiny", "seed=1,2", *FAST], cwd=tmp_path)
+    result = run_cli(
+        ["train", "-m", "hydra/launcher=basic", "model=resnet_tiny,das_resnet_tiny", "seed=1,2", *FAST], cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun").glob("*/*")
     report = run_cli(["report", str(sweep)], cwd=tmp_path)
@@ -122,7 +141,10 @@ def test_two_by_two_sweep_report(tmp_path):
     assert len(rows) == 4
     cells = [[c.strip() for c in row.split("|")[1:-1]] for row in rows]
     assert [(c[1], c[2]) for c in cells] == [
-        ("resnet_tiny", "1"), ("resnet_tiny", "2"), ("das_resnet_tiny", "1"), ("das_resnet_tiny", "2")
+        ("resnet_tiny", "1"),
+        ("resnet_tiny", "2"),
+        ("das_resnet_tiny", "1"),
+        ("das_resnet_tiny", "2"),
     ]
     assert all(0 <= float(c[5]) <= 100 for c in cells)
     assert float(cells[2][3]) > float(cells[0][3])  # the DAS gates add parameters

@@ -37,9 +37,18 @@ from das_lab.search.study import (
 )
 
 # one training and one validation step per trial, no test; fast heartbeats so a dead worker is noticed in seconds
-SEARCH = ["train", "-m", "hparams_search=optuna", "model=resnet_tiny", *TINY, "trainer.limit_train_batches=1",
-          "trainer.limit_val_batches=1", "test=false", "hydra.sweeper.heartbeat_interval=1",
-          "hydra.sweeper.grace_period=3"]
+SEARCH = [
+    "train",
+    "-m",
+    "hparams_search=optuna",
+    "model=resnet_tiny",
+    *TINY,
+    "trainer.limit_train_batches=1",
+    "trainer.limit_val_batches=1",
+    "test=false",
+    "hydra.sweeper.heartbeat_interval=1",
+    "hydra.sweeper.grace_period=3",
+]
 
 
 def _one_line(error: pytest.ExceptionInfo) -> str:
@@ -50,9 +59,15 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
 
 def test_space_reads_hydra_sweep_syntax():
     space = parse_space(
-        {"optimizer.lr": "tag(log, interval(1e-4, 1e-2))", "model.drop_path_rate": "interval(0.0, 0.3)",
-         "model.depth": "range(1, 7, 2)", "data.scale": "range(0.5, 2.0, 0.5)", "optimizer": "choice(sgd, adamw)",
-         "data.batch_size": "16,32,64", "seed": 3},
+        {
+            "optimizer.lr": "tag(log, interval(1e-4, 1e-2))",
+            "model.drop_path_rate": "interval(0.0, 0.3)",
+            "model.depth": "range(1, 7, 2)",
+            "data.scale": "range(0.5, 2.0, 0.5)",
+            "optimizer": "choice(sgd, adamw)",
+            "data.batch_size": "16,32,64",
+            "seed": 3,
+        },
         ["model=resnet_tiny", "+extra=choice(x, y)", "model.drop_path_rate=interval(0.1, 0.2)"],
     )
     assert space.distributions == {
@@ -66,16 +81,24 @@ def test_space_reads_hydra_sweep_syntax():
     }
     assert space.fixed == ["seed=3", "model=resnet_tiny"]
     assert space.overrides({"optimizer.lr": 0.001, "model.depth": 3, "extra": "y"}) == [
-        "seed=3", "model=resnet_tiny", "optimizer.lr=0.001", "model.depth=3", "+extra=y"]
+        "seed=3",
+        "model=resnet_tiny",
+        "optimizer.lr=0.001",
+        "model.depth=3",
+        "+extra=y",
+    ]
 
 
-@pytest.mark.parametrize("entry, expected", [
-    ("normal(0, 1)", "cannot read it"),
-    ("tag(lgo, interval(1e-4, 1e-2))", "unknown tag lgo"),
-    ("shuffle(1, 2, 3)", "shuffle(...) has no meaning"),
-    ("tag(log, choice(1, 2))", "applies to interval(LOW, HIGH) only"),
-    ("tag(log, interval(0, 1))", "positive lower bound"),
-])
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ("normal(0, 1)", "cannot read it"),
+        ("tag(lgo, interval(1e-4, 1e-2))", "unknown tag lgo"),
+        ("shuffle(1, 2, 3)", "shuffle(...) has no meaning"),
+        ("tag(log, choice(1, 2))", "applies to interval(LOW, HIGH) only"),
+        ("tag(log, interval(0, 1))", "positive lower bound"),
+    ],
+)
 def test_unknown_distribution_is_one_line(entry, expected):
     with pytest.raises(SearchConfigError) as error:
         parse_space({"optimizer.lr": entry}, [])
@@ -83,8 +106,9 @@ def test_unknown_distribution_is_one_line(entry, expected):
     assert expected in message and f"optimizer.lr={entry}" in message
 
 
-@pytest.mark.parametrize("storage", ["sqlite:///{tmp}/no/such/folder/optuna.db", "{tmp}/a_file/optuna.journal",
-                                     "nosuchdb://host/db"])
+@pytest.mark.parametrize(
+    "storage", ["sqlite:///{tmp}/no/such/folder/optuna.db", "{tmp}/a_file/optuna.journal", "nosuchdb://host/db"]
+)
 def test_storage_that_cannot_be_opened_is_one_line(tmp_path, storage):
     (tmp_path / "a_file").write_text("")
     url = storage.format(tmp=tmp_path)
@@ -102,8 +126,9 @@ def test_study_of_another_direction_is_one_line(tmp_path):
     assert len(open_study(storage, "train", "minimize", None, "here").trials) == 1
     with pytest.raises(SearchConfigError) as error:
         open_study(storage, "train", "max", None, "the sweep folder")
-    assert _one_line(error).startswith("study 'train' in the sweep folder was created to minimize its objective, "
-                                       "this search would maximize it")
+    assert _one_line(error).startswith(
+        "study 'train' in the sweep folder was created to minimize its objective, this search would maximize it"
+    )
     with pytest.raises(SearchConfigError, match="expected max or min"):
         open_study(storage, "train", "up", None, "here")
 
@@ -152,8 +177,9 @@ def test_report_of_a_search_with_too_few_trials_for_importances(tmp_path):
     out = tmp_path / "report"
     out.mkdir()
     assert "No completed trial yet" in "\n".join(search_section(tmp_path, out))
-    study.add_trial(optuna.create_trial(value=0.25, params={"x": 0.5},
-                                        distributions={"x": FloatDistribution(0.0, 1.0)}))
+    study.add_trial(
+        optuna.create_trial(value=0.25, params={"x": 0.5}, distributions={"x": FloatDistribution(0.0, 1.0)})
+    )
     text = "\n".join(search_section(tmp_path, out))
     assert "Best trial: 0, val/acc1 = 0.25, x=0.5" in text
     assert "Parameter importances need at least 2 completed trials (this study has 1)." in text
@@ -165,8 +191,11 @@ def test_search_config_follows_monitor_mode(tmp_path):
     _register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=["hparams_search=optuna", "monitor=val/loss", "monitor_mode=min",
-                                          f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=["hparams_search=optuna", "monitor=val/loss", "monitor_mode=min", f"hydra.sweep.dir={tmp_path}"],
+            return_hydra_config=True,
+        )
     GlobalHydra.instance().clear()
     sweeper = cfg.hydra.sweeper
     assert sweeper.direction == "min" and sweeper.storage == f"{tmp_path}/optuna.journal"
@@ -180,16 +209,26 @@ def _study(sweep: Path) -> optuna.Study:
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "HYDRA_FULL_ERROR")}
-    return subprocess.Popen([DAS_LAB, *args], cwd=cwd, env={**env, "DAS_LAB_LOGS": str(cwd)}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [DAS_LAB, *args],
+        cwd=cwd,
+        env={**env, "DAS_LAB_LOGS": str(cwd)},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _kill_during_its_second_trial(worker: subprocess.Popen, sweep: Path) -> optuna.trial.FrozenTrial:
     """SIGKILL ``worker`` while it trains its second trial (after it wrote that trial's run_info.json)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and worker.poll() is None:
-        mine = [t for t in _study(sweep).trials if t.system_attrs.get(WORKER_KEY, "").endswith(f":{worker.pid}")] \
-            if (sweep / SEARCH_RECORD).is_file() else []  # written once the study exists
+        mine = (
+            [t for t in _study(sweep).trials if t.system_attrs.get(WORKER_KEY, "").endswith(f":{worker.pid}")]
+            if (sweep / SEARCH_RECORD).is_file()
+            else []
+        )  # written once the study exists
         running = [t for t in mine if t.state.name == "RUNNING" and list(sweep.glob(f"{t.number}_*/run_info.json"))]
         if running and any(t.state.name == "COMPLETE" for t in mine):
             os.killpg(worker.pid, signal.SIGKILL)
@@ -244,8 +283,16 @@ def test_search_with_two_workers_survives_a_killed_worker_and_continues(tmp_path
 @pytest.mark.slow
 def test_failed_jobs_are_fail_trials_and_the_search_goes_on(tmp_path):
     sweep = tmp_path / "search"
-    result = run_cli([*SEARCH, f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
-                      "data.digit_size=99"], cwd=tmp_path)
+    result = run_cli(
+        [
+            *SEARCH,
+            f"hydra.sweep.dir={sweep}",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            "data.digit_size=99",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 1
     assert "Launching 2 jobs, each in its own process" in result.stdout  # n_jobs trials at a time, through the launcher
     assert "2 job(s) of the sweep failed" in result.stderr
@@ -255,8 +302,13 @@ def test_failed_jobs_are_fail_trials_and_the_search_goes_on(tmp_path):
     # the same folder searched the other way round: one line, no traceback
     clash = run_cli([*SEARCH, f"hydra.sweep.dir={sweep}", "monitor_mode=min"], cwd=tmp_path)
     assert clash.returncode == 2
-    assert clash.stderr.strip().splitlines()[-1].startswith(
-        f"das-lab: error: study 'train' in {sweep / 'optuna.journal'} was created to maximize its objective")
+    assert (
+        clash.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"das-lab: error: study 'train' in {sweep / 'optuna.journal'} was created to maximize its objective"
+        )
+    )
     assert "Traceback" not in clash.stderr
 
 

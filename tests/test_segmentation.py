@@ -18,8 +18,9 @@ from das_lab.tasks.segmentation import SegmentationModule
 from das_lab.tasks.segmentation_metrics import SegmentationScores
 
 
-def numpy_scores(predictions: list[np.ndarray], labels: list[np.ndarray], num_classes: int,
-                 ignore: int = 255) -> tuple[float, float, float]:
+def numpy_scores(
+    predictions: list[np.ndarray], labels: list[np.ndarray], num_classes: int, ignore: int = 255
+) -> tuple[float, float, float]:
     """mIoU, mAcc, aAcc counted pixel by pixel with numpy, classes without union/label left out."""
     intersection, union, area = np.zeros(num_classes), np.zeros(num_classes), np.zeros(num_classes)
     for prediction, label in zip(predictions, labels):
@@ -83,10 +84,14 @@ def test_scores_reject_out_of_range_labels() -> None:
 
 
 def _module(net: nn.Module | None = None, **settings) -> SegmentationModule:
-    defaults = dict(num_classes=5, channels=16, neck_channels=16, aux_channels=8, test_scale=(64, 48),
-                    crop_size=32, stride=24)
-    return SegmentationModule(net if net is not None else timm.create_model("test_convnext", num_classes=0),
-                              partial(create_optimizer_v2, opt="adamw", lr=1e-3), **{**defaults, **settings})
+    defaults = dict(
+        num_classes=5, channels=16, neck_channels=16, aux_channels=8, test_scale=(64, 48), crop_size=32, stride=24
+    )
+    return SegmentationModule(
+        net if net is not None else timm.create_model("test_convnext", num_classes=0),
+        partial(create_optimizer_v2, opt="adamw", lr=1e-3),
+        **{**defaults, **settings},
+    )
 
 
 @pytest.mark.parametrize(("head", "aux_weight"), [("upernet", 0.4), ("fpn", 0.0)])
@@ -194,15 +199,35 @@ class _LrTrace(L.Callback):
 
 
 def test_poly_schedule_counts_warm_up_and_decay_in_iterations() -> None:
-    scheduler = partial(create_scheduler_v2, sched="poly", decay_rate=1.0, warmup_epochs=2, warmup_prefix=False,
-                        warmup_lr=1e-6, min_lr=0.0)
-    module = SegmentationModule(timm.create_model("test_convnext", num_classes=0),
-                                partial(create_optimizer_v2, opt="adamw", lr=1e-3), scheduler, num_classes=5,
-                                channels=8, aux_channels=8)
+    scheduler = partial(
+        create_scheduler_v2,
+        sched="poly",
+        decay_rate=1.0,
+        warmup_epochs=2,
+        warmup_prefix=False,
+        warmup_lr=1e-6,
+        min_lr=0.0,
+    )
+    module = SegmentationModule(
+        timm.create_model("test_convnext", num_classes=0),
+        partial(create_optimizer_v2, opt="adamw", lr=1e-3),
+        scheduler,
+        num_classes=5,
+        channels=8,
+        aux_channels=8,
+    )
     trace = _LrTrace()
     loader = torch.utils.data.DataLoader(_Crops(), batch_size=2, collate_fn=lambda b: [list(x) for x in zip(*b)])
-    trainer = L.Trainer(max_epochs=-1, max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[trace])
+    trainer = L.Trainer(
+        max_epochs=-1,
+        max_steps=6,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[trace],
+    )
     trainer.fit(module, train_dataloaders=loader)
     # warm-up from 1e-6 to 1e-3 over 2 iterations, then 1e-3 x (1 - t / 6)
     expected = [1e-6, 1e-6 + (1e-3 - 1e-6) / 2] + [1e-3 * (1 - t / 6) for t in range(2, 6)]

@@ -10,27 +10,50 @@ import pytest
 from PIL import Image
 
 from cli_helpers import read_metrics, run_cli, run_dirs
-from fake_ade20k import make_ade20k
 from das_lab.data.decode import read_rgb
 from das_lab.pipeline import restore_checkpoint
 from das_lab.tasks.segmentation_overlays import palette
 from das_lab.utils.flops import count_gmacs, count_params
 from das_lab.visualize import main as visualize_main
+from fake_ade20k import make_ade20k
 from test_segmentation import numpy_scores
 
 
 def _train_args(root: Path, cache: Path, model: list[str]) -> list[str]:
     return [
-        "train", "data=ade20k", f"data.root={root}", f"data.cache_dir={cache}", "data.num_workers=0",
-        "data.pin_memory=false", "data.persistent_workers=false", "data.prefetch_factor=null",
-        "data.scale=[96,64]", "data.crop_size=64", "data.batch_size=2", "data.expected_sizes=null",
-        "task=segmentation", "task.channels=16", "task.neck_channels=16", "task.aux_channels=8",
-        "task.test_scale=[96,64]", *model, "model.num_classes=0",
-        "scheduler=poly", "scheduler.warmup_epochs=1", "optimizer.lr=1e-3",
-        "trainer.max_epochs=-1", "trainer.max_steps=3", "trainer.check_val_every_n_epoch=null",
-        "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0", "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
-        "monitor=val/miou", "monitor_mode=max",
+        "train",
+        "data=ade20k",
+        f"data.root={root}",
+        f"data.cache_dir={cache}",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "data.persistent_workers=false",
+        "data.prefetch_factor=null",
+        "data.scale=[96,64]",
+        "data.crop_size=64",
+        "data.batch_size=2",
+        "data.expected_sizes=null",
+        "task=segmentation",
+        "task.channels=16",
+        "task.neck_channels=16",
+        "task.aux_channels=8",
+        "task.test_scale=[96,64]",
+        *model,
+        "model.num_classes=0",
+        "scheduler=poly",
+        "scheduler.warmup_epochs=1",
+        "optimizer.lr=1e-3",
+        "trainer.max_epochs=-1",
+        "trainer.max_steps=3",
+        "trainer.check_val_every_n_epoch=null",
+        "trainer.val_check_interval=2",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.log_every_n_steps=1",
+        "monitor=val/miou",
+        "monitor_mode=max",
     ]
 
 
@@ -49,8 +72,16 @@ def test_train_das_resnet_then_eval_writes_release_format_predictions(tmp_path: 
     assert metrics["params"] == count_params(segmentor)
     assert metrics["gflops"] == pytest.approx(count_gmacs(segmentor, (1, 3, 64, 96)), abs=1e-4)
 
-    done = run_cli(["eval", f"ckpt_path={metrics['ckpt_best']}", "splits=[val]", "trainer.accelerator=cpu",
-                    "trainer.enable_progress_bar=false"], tmp_path)
+    done = run_cli(
+        [
+            "eval",
+            f"ckpt_path={metrics['ckpt_best']}",
+            "splits=[val]",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     eval_dir = next(d for d in run_dirs(tmp_path) if d != train_dir)
     evaluated = read_metrics(eval_dir)
@@ -78,8 +109,12 @@ def test_train_das_resnet_then_eval_writes_release_format_predictions(tmp_path: 
 
     # das-lab visualize of a segmentation checkpoint: the image with its predicted classes in colour
     image = fake.folder / "images" / "validation" / "ADE_val_00000001.jpg"
-    args = [f"ckpt_path={metrics['ckpt_best']}", f"images=[{image}]", f"out_dir={tmp_path / 'vis'}",
-            f"hydra.run.dir={tmp_path / 'visualize'}"]
+    args = [
+        f"ckpt_path={metrics['ckpt_best']}",
+        f"images=[{image}]",
+        f"out_dir={tmp_path / 'vis'}",
+        f"hydra.run.dir={tmp_path / 'visualize'}",
+    ]
     assert visualize_main(args) == 0
     drawn = np.asarray(Image.open(tmp_path / "vis" / "ADE_val_00000001_overlay.png")).astype(np.int64)
     original = read_rgb(image).permute(1, 2, 0).numpy().astype(np.int64)

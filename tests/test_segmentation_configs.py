@@ -20,8 +20,9 @@ def experiment(tmp_path):
     GlobalHydra.instance().clear()
 
 
-@pytest.mark.parametrize(("name", "model", "drop_path"),
-                         [("tiny", "dat_tiny", 0.3), ("small", "dat_small", 0.5), ("base", "dat_base", 0.7)])
+@pytest.mark.parametrize(
+    ("name", "model", "drop_path"), [("tiny", "dat_tiny", 0.3), ("small", "dat_small", 0.5), ("base", "dat_base", 0.7)]
+)
 def test_upernet_dat_recipes(experiment, name: str, model: str, drop_path: float) -> None:
     cfg = experiment(f"ade20k_upernet_dat_{name}")
     assert cfg.model.name == model and cfg.model.drop_path_rate == drop_path and cfg.model.num_classes == 0

@@ -13,7 +13,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -23,8 +23,12 @@ from cli_helpers import DAS_LAB, TINY, read_metrics, run_cli
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 CLUSTER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_cluster.sh"
-SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.gpus_per_node=null",
-         "hydra.launcher.timeout_min=10"]
+SLURM = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.gpus_per_node=null",
+    "hydra.launcher.timeout_min=10",
+]
 # two training and one validation step per epoch, no test
 FAST = [*TINY, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"]
 
@@ -58,21 +62,29 @@ def slurm_conf() -> str:
 
 
 @pytest.fixture()
-def slurm(slurm_conf, tmp_path) -> Callable[[list[str]], subprocess.CompletedProcess]:
+def slurm(slurm_conf, tmp_path) -> Iterator[Callable[[list[str]], subprocess.CompletedProcess]]:
     """Run a SLURM command (squeue, scancel, sacct) against the test cluster."""
     env = {**os.environ, "SLURM_CONF": slurm_conf}
 
     def _run(args: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run(args, env=env, capture_output=True, text=True, timeout=60, check=True)
 
-    return _run
+    yield _run
+    # the next test reads the queue as its own: SLURM may still be tidying up (COMPLETING) after this one
+    _wait_for(lambda: not _queued(_run), "the cluster's queue to empty", timeout_s=120)
 
 
 def _start_sweep(args: list[str], cwd: Path, slurm_conf: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "HYDRA_FULL_ERROR")}
     env.update(DAS_LAB_LOGS=str(cwd), SLURM_CONF=slurm_conf)
-    return subprocess.Popen([DAS_LAB, "train", "-m", *SLURM, *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [DAS_LAB, "train", "-m", *SLURM, *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _wait_for(condition: Callable[[], object], what: str, timeout_s: float = 240) -> object:
@@ -107,8 +119,9 @@ def _epochs(job_dir: Path) -> list[int]:
 
 
 def test_sweep_runs_as_an_array_and_reports_its_failed_job(slurm_conf, slurm, tmp_path):
-    result = run_cli(["train", "-m", *SLURM, *FAST, "data.digit_size=99,16"], cwd=tmp_path,
-                     env={"SLURM_CONF": slurm_conf})
+    result = run_cli(
+        ["train", "-m", *SLURM, *FAST, "data.digit_size=99,16"], cwd=tmp_path, env={"SLURM_CONF": slurm_conf}
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     failed, completed = _job_dirs(tmp_path)
     assert "1 job(s) of the sweep failed" in result.stderr and str(failed) in result.stderr
@@ -139,8 +152,9 @@ def test_cancelled_job_is_recorded_failed_with_its_slurm_state(slurm_conf, slurm
 def test_requeue_by_usr2_resumes_from_last_checkpoint_to_the_uninterrupted_result(slurm_conf, slurm, tmp_path):
     # two identical jobs; the first is preempted (USR2) once its first epoch is saved, the second runs through
     sweep = _start_sweep([*FAST, "trainer.max_epochs=8", "ckpt_path=auto", "seed=3,3"], tmp_path, slurm_conf)
-    preempted = _wait_for(lambda: next(iter(tmp_path.glob("multirun/*/*/0_*/checkpoints/last.ckpt")), None),
-                          "the first checkpoint").parents[1]
+    preempted = _wait_for(
+        lambda: next(iter(tmp_path.glob("multirun/*/*/0_*/checkpoints/last.ckpt")), None), "the first checkpoint"
+    ).parents[1]
     array_job = _wait_for(lambda: _queued(slurm), "the jobs")[0].split("_")[0]
     slurm(["scancel", "--signal=USR2", f"{array_job}_0"])
     _wait_for(lambda: _status(preempted) == "requeued", "the requeued record", timeout_s=60)
@@ -169,10 +183,21 @@ def test_requeue_at_the_time_limit_resumes_and_keeps_the_history(slurm_conf, slu
     # 40 s of training; once the first epoch is saved, the job's time limit is cut so that it ends 30-90 s
     # later: SLURM (checking every 30 s) sends the signal 90 s before the limit at its next check, the job
     # is requeued, gets its long limit back while it waits, and resumes
-    sweep = _start_sweep([*FAST, "hydra.launcher.signal_delay_s=90", '+trainer.max_time="00:00:00:40"',
-                          "trainer.max_epochs=100000", "ckpt_path=auto", "seed=1"], tmp_path, slurm_conf)
-    job_dir = _wait_for(lambda: next(iter(tmp_path.glob("multirun/*/*/0_*/checkpoints/last.ckpt")), None),
-                        "the first checkpoint").parents[1]
+    sweep = _start_sweep(
+        [
+            *FAST,
+            "hydra.launcher.signal_delay_s=90",
+            '+trainer.max_time="00:00:00:40"',
+            "trainer.max_epochs=100000",
+            "ckpt_path=auto",
+            "seed=1",
+        ],
+        tmp_path,
+        slurm_conf,
+    )
+    job_dir = _wait_for(
+        lambda: next(iter(tmp_path.glob("multirun/*/*/0_*/checkpoints/last.ckpt")), None), "the first checkpoint"
+    ).parents[1]
     (job_id, _) = _queued(slurm)
     limit_min = -(-(_elapsed_s(slurm, job_id) + 30) // 60)
     slurm(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit_min}"])
@@ -192,10 +217,22 @@ def test_requeue_at_the_time_limit_resumes_and_keeps_the_history(slurm_conf, slu
 
 
 def test_ddp_job_runs_two_ranks_that_leave_promptly_when_requeued(slurm_conf, slurm, tmp_path):
-    sweep = _start_sweep([*FAST, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-                          "trainer.max_epochs=5", "ckpt_path=auto", "seed=2"], tmp_path, slurm_conf)
-    job_dir = _wait_for(lambda: next(iter(tmp_path.glob("multirun/*/*/0_*/checkpoints/last.ckpt")), None),
-                        "the first checkpoint").parents[1]
+    sweep = _start_sweep(
+        [
+            *FAST,
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.max_epochs=5",
+            "ckpt_path=auto",
+            "seed=2",
+        ],
+        tmp_path,
+        slurm_conf,
+    )
+    job_dir = _wait_for(
+        lambda: next(iter(tmp_path.glob("multirun/*/*/0_*/checkpoints/last.ckpt")), None), "the first checkpoint"
+    ).parents[1]
     (job_id, _) = _queued(slurm)
     slurm(["scancel", "--signal=USR2", job_id])
     signalled = time.monotonic()
@@ -209,7 +246,9 @@ def test_ddp_job_runs_two_ranks_that_leave_promptly_when_requeued(slurm_conf, sl
     assert _epochs(job_dir) == list(range(5))
     task_logs = sorted((job_dir.parent / ".submitit" / job_id).glob("*_log.err"))
     assert [("MEMBER: 1/2" in log.read_text(), "MEMBER: 2/2" in log.read_text()) for log in task_logs] == [
-        (True, False), (False, True)]
+        (True, False),
+        (False, True),
+    ]
     rank0, rank1 = (job_dir / "train.log").read_text(), (job_dir / "rank_1.log").read_text()
     assert "Calling checkpoint method" in rank0 and "procid=1" not in rank0
     assert "procid=1" in rank1 and "Calling checkpoint method" not in rank1

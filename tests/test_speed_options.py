@@ -10,18 +10,18 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
 from functorch.compile import make_boxed_func
 from timm.optim import create_optimizer_v2
+from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch._inductor.decomposition import select_decomp_table
 
 import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
+from cli_helpers import TINY, read_metrics, run_cli, run_dirs
 from das_lab.models.das import DASGate
 from das_lab.tasks import speed
 from das_lab.tasks.classification import ClassificationModule
 from das_lab.tasks.detection import DetectionModule
-from cli_helpers import TINY, read_metrics, run_cli, run_dirs
 
 SGD = partial(create_optimizer_v2, opt="sgd", lr=0.1, momentum=0.9)
 
@@ -53,7 +53,9 @@ def test_channels_last_gives_the_same_outputs_and_gradients_and_keeps_weight_nam
     assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert list(fast.state_dict()) == list(eager.state_dict())
     seen = []
-    fast.conv1.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    fast.conv1.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     images, targets = batch()
     losses = [F.cross_entropy(net(images), targets) for net in (eager, fast)]
     assert seen == [True]  # a plain NCHW batch reaches the first convolution in channels-last layout
@@ -66,8 +68,18 @@ def test_channels_last_gives_the_same_outputs_and_gradients_and_keeps_weight_nam
 
 def test_detection_applies_the_options_to_its_fpn_backbone() -> None:
     detectors = [
-        DetectionModule(tiny_net(num_classes=0), SGD, None, "faster_rcnn", 3, min_size=64, max_size=96, fpn_channels=16,
-                        box_head_dim=32, channels_last=channels_last)
+        DetectionModule(
+            tiny_net(num_classes=0),
+            SGD,
+            None,
+            "faster_rcnn",
+            3,
+            min_size=64,
+            max_size=96,
+            fpn_channels=16,
+            box_head_dim=32,
+            channels_last=channels_last,
+        )
         for channels_last in (False, True)
     ]
     eager, fast = (d.detector.backbone.eval() for d in detectors)
@@ -88,6 +100,7 @@ def graphs_seen_by_inductor(module: torch.nn.Module, x: torch.Tensor) -> tuple[l
         def compiler(graph: torch.fx.GraphModule, example_inputs: list):
             graphs.append(graph)
             return make_boxed_func(graph.forward)
+
         return compiler
 
     backend = aot_autograd(fw_compiler=keep(forward), bw_compiler=keep(backward), decompositions=select_decomp_table())
@@ -103,7 +116,9 @@ def ops(graphs: list) -> list:
 def test_compile_keeps_deform_conv2d_one_operator_without_graph_breaks() -> None:
     torch.manual_seed(0)
     gate = DASGate(8, reduction=0.5)
-    forward, backward = graphs_seen_by_inductor(gate, torch.randn(2, 8, 6, 6, requires_grad=True))  # fullgraph: no breaks
+    forward, backward = graphs_seen_by_inductor(
+        gate, torch.randn(2, 8, 6, 6, requires_grad=True)
+    )  # fullgraph: no breaks
     assert ops(forward).count(torch.ops.torchvision.deform_conv2d.default) == 1
     assert ops(backward).count(torch.ops.torchvision._deform_conv2d_backward.default) == 1
 
@@ -145,7 +160,9 @@ def test_compiled_training_steps_give_the_eager_losses() -> None:
     assert losses[0][2] < losses[0][0]  # the steps train: the comparison is not of a constant
 
 
-def test_compile_without_a_c_compiler_or_with_an_unknown_backend_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_without_a_c_compiler_or_with_an_unknown_backend_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     with pytest.raises(ValueError, match="task.compile_backend='inductr' is not a torch.compile backend.*inductor"):
         ClassificationModule(tiny_net(), SGD, compile=True, compile_backend="inductr")
     monkeypatch.setattr(shutil, "which", lambda name: None)

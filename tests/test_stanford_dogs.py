@@ -20,9 +20,19 @@ BASIC = {"scale": [0.5, 1.0], "hflip": 0.5}
 
 def dogs(root: Path, cache: Path, **overrides) -> StanfordDogsDataModule:
     args = dict(
-        root=str(root), cache_dir=str(cache), image_size=32, num_classes=3, val_per_class=0, split_seed=0,
-        crop_to_bbox=False, train_augment=BASIC, crop_pct=0.875, eval_interpolation="bilinear",
-        skip_corrupt=False, batch_size=4, num_workers=0,
+        root=str(root),
+        cache_dir=str(cache),
+        image_size=32,
+        num_classes=3,
+        val_per_class=0,
+        split_seed=0,
+        crop_to_bbox=False,
+        train_augment=BASIC,
+        crop_pct=0.875,
+        eval_interpolation="bilinear",
+        skip_corrupt=False,
+        batch_size=4,
+        num_workers=0,
     )
     args.update(overrides)
     return StanfordDogsDataModule(**args)
@@ -182,11 +192,16 @@ def test_lightning_loop_runs_and_reports_skipped_images(tmp_path: Path, caplog) 
     truncate(bad)
     dm = dogs(fake.root, tmp_path / "cache", skip_corrupt=True, batch_size=12)
     trainer = L.Trainer(
-        max_epochs=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        max_epochs=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[report := SkippedImagesReport()],
     )
     caplog.set_level(logging.WARNING)
     trainer.fit(_TinyClassifier(), datamodule=dm)
-    report = next(cb for cb in trainer.callbacks if isinstance(cb, SkippedImagesReport))
     assert report.last_counts == {"train": 1, "val": 0}
     assert "1 corrupt image(s) skipped" in caplog.text and str(bad) in caplog.text

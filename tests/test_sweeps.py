@@ -28,6 +28,7 @@ def compose_train(tmp_path):
     _register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+
         def _compose(*overrides: str):
             return compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides], return_hydra_config=True)
 
@@ -47,7 +48,11 @@ def test_backbone_sweep_builds_each_baseline(compose_train):
         model_cfg = compose_train("+experiment=ablation_backbones", f"backbone={backbone}").model
         built[backbone] = (model_cfg.attn_layer, list(model_cfg.gate_stages), instantiate(model_cfg))
     assert {name: spec[:2] for name, spec in built.items()} == {
-        "resnet": (None, []), "se": ("se", []), "cbam": ("cbam", []), "eca": ("eca", []), "gc": ("gc", []),
+        "resnet": (None, []),
+        "se": ("se", []),
+        "cbam": ("cbam", []),
+        "eca": ("eca", []),
+        "gc": ("gc", []),
         "das": (None, [2, 3]),
     }
     params = {name: sum(p.numel() for p in spec[2].parameters()) for name, spec in built.items()}
@@ -73,16 +78,23 @@ def test_dat_offset_sweep_sets_one_factor_each(compose_train):
 
 
 def test_slurm_launcher_follows_the_trainer(compose_train):
-    cfg = compose_train("hydra/launcher=slurm", "trainer=gpu", "trainer.devices=4", "trainer.num_nodes=2",
-                        "hydra.launcher.partition=gpu", "hydra.sweep.dir=/sweeps/x")
+    cfg = compose_train(
+        "hydra/launcher=slurm",
+        "trainer=gpu",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu",
+        "hydra.sweep.dir=/sweeps/x",
+    )
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"] == "hydra_plugins.das_lab_launchers.submitit_launchers.SlurmLauncher"
     layout = [launcher[k] for k in ("partition", "nodes", "tasks_per_node", "gpus_per_node")]
     assert layout == ["gpu", 2, 4, 4]
     assert launcher["max_num_timeout"] == 3 and launcher["timeout_min"] == 1440
     assert launcher["submitit_folder"] == "/sweeps/x/.submitit/%j"
-    local = OmegaConf.to_container(compose_train("hydra/launcher=slurm_local", "hydra.sweep.dir=/s").hydra.launcher,
-                                   resolve=True)
+    local = OmegaConf.to_container(
+        compose_train("hydra/launcher=slurm_local", "hydra.sweep.dir=/s").hydra.launcher, resolve=True
+    )
     assert local["_target_"].endswith("LocalLauncher") and local["tasks_per_node"] == 1 and local["nodes"] == 1
 
 
@@ -117,7 +129,11 @@ def test_failed_jobs_are_absolute_paths(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_failure_summary_counts_each_job_once_with_a_relative_log_folder(tmp_path):
-    result = run_cli(["train", "-m", "hydra/launcher=basic", *FAST, "data.digit_size=99", "seed=1,2"], cwd=tmp_path, env={"DAS_LAB_LOGS": "."})
+    result = run_cli(
+        ["train", "-m", "hydra/launcher=basic", *FAST, "data.digit_size=99", "seed=1,2"],
+        cwd=tmp_path,
+        env={"DAS_LAB_LOGS": "."},
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "2 job(s) of the sweep failed" in result.stderr
     (sweep,) = (tmp_path / "multirun").glob("*/*")

@@ -34,15 +34,22 @@ from das_lab.tasks.segmentation import SegmentationModule
 from das_lab.utils.tables import markdown_table, write_csv
 
 # values exact in float32, as Lightning logs them
-EPOCHS = [{"val/acc1": 0.5, "val/loss": 1.0}, {"val/acc1": 0.75, "val/loss": 0.25}, {"val/acc1": 0.625, "val/loss": 2.0}]
+EPOCHS = [
+    {"val/acc1": 0.5, "val/loss": 1.0},
+    {"val/acc1": 0.75, "val/loss": 0.25},
+    {"val/acc1": 0.625, "val/loss": 2.0},
+]
 
 
 def _history(monitor: str, monitor_mode: str, epochs=EPOCHS) -> MetricHistory:
     specs = task_metrics(ClassificationModule)
-    history = MetricHistory(monitored_declarations(specs, monitor, monitor_mode, "ClassificationModule"),
-                            "ClassificationModule")
+    history = MetricHistory(
+        monitored_declarations(specs, monitor, monitor_mode, "ClassificationModule"), "ClassificationModule"
+    )
     for values in epochs:
-        trainer = SimpleNamespace(sanity_checking=False, callback_metrics={k: torch.tensor(v) for k, v in values.items()})
+        trainer = SimpleNamespace(
+            sanity_checking=False, callback_metrics={k: torch.tensor(v) for k, v in values.items()}
+        )
         history.on_validation_end(trainer, None)
     return history
 
@@ -68,15 +75,21 @@ def test_best_epoch_follows_the_declared_direction_and_monitor_mode():
 
 def test_monitor_and_undeclared_metrics_are_refused_in_one_line(caplog):
     specs = task_metrics(ClassificationModule)
-    with pytest.raises(ConfigError, match=r"monitor=val/map: ClassificationModule logs no such metric; set monitor to "
-                                          r"one of train/loss, val/loss, val/acc1, val/acc5$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"monitor=val/map: ClassificationModule logs no such metric; set monitor to "
+        r"one of train/loss, val/loss, val/acc1, val/acc5$",
+    ):
         monitored_declarations(specs, "val/map", "max", "ClassificationModule")
     with pytest.raises(ConfigError, match="monitor_mode=up: expected one of max, min"):
         monitored_declarations(specs, "val/acc1", "up", "ClassificationModule")
     monitored_declarations(specs, "val/acc1", "min", "ClassificationModule")
     assert "declared 'max' by ClassificationModule, but monitor_mode=min" in caplog.text
-    with pytest.raises(ValueError, match=r"val/f1 logged but not declared by ClassificationModule: add a MetricSpec "
-                                         r"for it to ClassificationModule.metric_specs"):
+    with pytest.raises(
+        ValueError,
+        match=r"val/f1 logged but not declared by ClassificationModule: add a MetricSpec "
+        r"for it to ClassificationModule.metric_specs",
+    ):
         _history("val/acc1", "max", [{"val/acc1": 0.5, "val/f1": 0.2}])
 
 
@@ -85,8 +98,11 @@ def test_sweep_objective_goes_the_way_of_monitor_mode():
     assert _history("val/acc1", "min").best()["val/acc1"] == 0.5
     assert objective_direction("min", "val/acc1", "min") == "minimize"
     assert objective_direction("maximize", "val/loss", "max") == "maximize"
-    with pytest.raises(SearchConfigError, match="hydra.sweeper.direction=max but monitor_mode=min: each job returns "
-                                                "its best val/loss judged by monitor_mode, so the study must minimize"):
+    with pytest.raises(
+        SearchConfigError,
+        match="hydra.sweeper.direction=max but monitor_mode=min: each job returns "
+        "its best val/loss judged by monitor_mode, so the study must minimize",
+    ):
         objective_direction("max", "val/loss", "min")
 
 
@@ -100,7 +116,8 @@ def test_metrics_json_records_how_each_metric_was_judged(tmp_path):
         "val/loss": {"direction": "min", "unit": "value", "title": "loss", "headline": False},
     }
     assert declarations_from_record(payload["metrics"])["val/acc1"] == MetricSpec(
-        "acc1", "min", "fraction", "top-1 accuracy", ("val",), True)
+        "acc1", "min", "fraction", "top-1 accuracy", ("val",), True
+    )
 
 
 def _run(sweep: Path, num: int, metrics: dict, config: dict) -> None:
@@ -113,17 +130,36 @@ def _run(sweep: Path, num: int, metrics: dict, config: dict) -> None:
 def test_report_formats_fractions_in_percent_and_values_as_they_are(tmp_path):
     psnr = {"direction": "max", "unit": "value", "title": "PSNR", "headline": True}
     acc = {"direction": "max", "unit": "fraction", "title": "top-1", "headline": True}
-    _run(tmp_path, 0, {"best": {"val/psnr": 31.25}, "final": {"val/psnr": 30.5},
-                       "metrics": {"val/psnr": psnr}}, {"monitor": "val/psnr"})
-    _run(tmp_path, 1, {"best": {"val/acc1": 0.8125, "val/loss": 0.5}, "final": {"val/acc1": 0.75},
-                       "metrics": {"val/acc1": acc}}, {"monitor": "val/acc1"})
+    _run(
+        tmp_path,
+        0,
+        {"best": {"val/psnr": 31.25}, "final": {"val/psnr": 30.5}, "metrics": {"val/psnr": psnr}},
+        {"monitor": "val/psnr"},
+    )
+    _run(
+        tmp_path,
+        1,
+        {"best": {"val/acc1": 0.8125, "val/loss": 0.5}, "final": {"val/acc1": 0.75}, "metrics": {"val/acc1": acc}},
+        {"monitor": "val/acc1"},
+    )
     # a run from before metrics.json held declarations: its task's declarations apply
-    _run(tmp_path, 2, {"best": {"val/map": 0.375}, "final": {"val/map": 0.25}},
-         {"monitor": "val/map", "task": {"_target_": "das_lab.tasks.detection.DetectionModule"}})
-    header, *_, row0, row1, row2 = [[c.strip() for c in line.split("|")[1:-1]]
-                                    for line in build_report([tmp_path], tmp_path).splitlines()]
-    assert header[4:-2] == ["best val/psnr", "final val/psnr", "best val/acc1 (%)", "final val/acc1 (%)",
-                            "best val/map (%)", "final val/map (%)"]
+    _run(
+        tmp_path,
+        2,
+        {"best": {"val/map": 0.375}, "final": {"val/map": 0.25}},
+        {"monitor": "val/map", "task": {"_target_": "das_lab.tasks.detection.DetectionModule"}},
+    )
+    header, *_, row0, row1, row2 = [
+        [c.strip() for c in line.split("|")[1:-1]] for line in build_report([tmp_path], tmp_path).splitlines()
+    ]
+    assert header[4:-2] == [
+        "best val/psnr",
+        "final val/psnr",
+        "best val/acc1 (%)",
+        "final val/acc1 (%)",
+        "best val/map (%)",
+        "final val/map (%)",
+    ]
     assert row0[4:-2] == ["31.25", "30.5", "-", "-", "-", "-"]
     assert row1[4:-2] == ["-", "-", "81.25", "75.00", "-", "-"]
     assert row2[4:-2] == ["-", "-", "-", "-", "37.50", "25.00"]
@@ -145,8 +181,11 @@ def test_search_report_shows_the_objective_in_its_unit(tmp_path):
 
 def test_datamodules_are_checked_against_what_the_task_reads():
     digits = DigitsDataModule(image_size=32, digit_size=16)
-    with pytest.raises(ConfigError, match=r"^DigitsDataModule lacks category_ids, with_masks, ground_truth, which "
-                                          r"task=detection reads \(DetectionData in das_lab/tasks/base.py\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^DigitsDataModule lacks category_ids, with_masks, ground_truth, which "
+        r"task=detection reads \(DetectionData in das_lab/tasks/base.py\)",
+    ):
         require_data(digits, DetectionData, "task=detection")
     with pytest.raises(ConfigError, match="task=detection reads its data through a datamodule"):
         require_data(None, DetectionData, "task=detection")
@@ -159,8 +198,13 @@ def test_data_modules_never_import_tasks():
     data = Path(__file__).parents[1] / "das_lab" / "data"
     for path in data.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(name.startswith("das_lab.tasks") for name in names), f"{path.name} imports {names}"
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from timm.data import create_transform
 from timm.data import auto_augment as timm_aa
+from timm.data import create_transform
 from torchvision.transforms import ColorJitter as TorchvisionColorJitter
 
 from das_lab.data import tensor_augment
@@ -20,7 +20,13 @@ from das_lab.data.tensor_augment import TENSOR_OPS, ColorJitter, augment_ops
 from das_lab.data.transforms import build_train_transform, posterize
 
 FILL = (124, 116, 104)  # timm's img_mean for the ImageNet mean
-DAT_PAPER = {"auto_augment": "rand-m9-mstd0.5-inc1", "interpolation": "bicubic", "re_prob": 0.25, "re_mode": "pixel", "re_count": 1}
+DAT_PAPER = {
+    "auto_augment": "rand-m9-mstd0.5-inc1",
+    "interpolation": "bicubic",
+    "re_prob": 0.25,
+    "re_mode": "pixel",
+    "re_count": 1,
+}
 
 
 def _photo(height: int = 24, width: int = 32) -> np.ndarray:
@@ -36,20 +42,32 @@ def _pil_op(name: str, image: np.ndarray, args: tuple, resample: Any) -> np.ndar
 
 
 def _tensor_op(name: str, image: np.ndarray, args: tuple, resample: Any) -> np.ndarray:
-    out = TENSOR_OPS[name](torch.from_numpy(image).permute(2, 0, 1).contiguous(), *args, fillcolor=FILL, resample=resample)
+    out = TENSOR_OPS[name](
+        torch.from_numpy(image).permute(2, 0, 1).contiguous(), *args, fillcolor=FILL, resample=resample
+    )
     assert out.dtype == torch.uint8 and out.shape == (3, *image.shape[:2])
     return out.permute(1, 2, 0).numpy()
 
 
 EXACT = {
-    "AutoContrast": [()], "Equalize": [()], "Invert": [()],
-    "PosterizeIncreasing": [(0,), (1,), (3,), (4,)], "PosterizeOriginal": [(4,), (8,)],
-    "SolarizeIncreasing": [(0,), (26,), (128,), (256,)], "SolarizeAdd": [(0,), (55,), (110,), (128,)],
+    "AutoContrast": [()],
+    "Equalize": [()],
+    "Invert": [()],
+    "PosterizeIncreasing": [(0,), (1,), (3,), (4,)],
+    "PosterizeOriginal": [(4,), (8,)],
+    "SolarizeIncreasing": [(0,), (26,), (128,), (256,)],
+    "SolarizeAdd": [(0,), (55,), (110,), (128,)],
 }
-BLENDS = {name: [(0.1,), (0.55,), (1.0,), (1.9,)] for name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")}
+BLENDS = {
+    name: [(0.1,), (0.55,), (1.0,), (1.9,)]
+    for name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")
+}
 LINE_SHIFTS = {
-    "ShearX": [(-0.3,), (0.13,), (0.3,)], "ShearY": [(-0.27,), (0.3,)],
-    "TranslateXRel": [(-0.45,), (0.137,), (0.45,)], "TranslateYRel": [(-0.2,), (0.45,)], "TranslateX": [(-7.25,), (100.0,)],
+    "ShearX": [(-0.3,), (0.13,), (0.3,)],
+    "ShearY": [(-0.27,), (0.3,)],
+    "TranslateXRel": [(-0.45,), (0.137,), (0.45,)],
+    "TranslateYRel": [(-0.2,), (0.45,)],
+    "TranslateX": [(-7.25,), (100.0,)],
 }
 
 
@@ -81,7 +99,10 @@ def test_rotate_matches_pil_bilinear_and_stays_close_to_its_bicubic() -> None:
     image = _photo()
     for degrees in (-30.0, -7.3, 12.1, 30.0):
         for resample, max_diff, mean_diff in ((Image.Resampling.BILINEAR, 1, 0.01), (Image.Resampling.BICUBIC, 4, 0.5)):
-            pil, ours = _pil_op("Rotate", image, (degrees,), resample), _tensor_op("Rotate", image, (degrees,), resample)
+            pil, ours = (
+                _pil_op("Rotate", image, (degrees,), resample),
+                _tensor_op("Rotate", image, (degrees,), resample),
+            )
             diff = np.abs(pil.astype(int) - ours)
             assert diff.max() <= max_diff and diff.mean() <= mean_diff, (degrees, resample, diff.max(), diff.mean())
             assert np.array_equal((pil == FILL).all(-1), (ours == FILL).all(-1)), (degrees, resample)
@@ -106,6 +127,7 @@ def _record_draws(transform: Any, calls: int) -> list[tuple]:
     """(op name, magnitude, level args, fill, interpolation) of every op applied in ``calls`` calls, without images."""
     draws: list[tuple] = []
     for op in augment_ops(transform):
+
         def level_fn(magnitude, hparams, op=op, level_fn=op.level_fn):
             op.magnitude_drawn = magnitude
             return level_fn(magnitude, hparams) if level_fn is not None else ()
@@ -129,7 +151,10 @@ def _timm_and_das_lab_augment(config: str, size: int = 224) -> tuple[Any, Any]:
     return timm_augment, das_augment
 
 
-@pytest.mark.parametrize("config", ["rand-m9-mstd0.5-inc1", "rand-m1-mstd2-inc1", "rand-m5-mstd101", "rand-m9-n3-p0.8-mmax12-mstd1", "v0r-mstd0.5"])
+@pytest.mark.parametrize(
+    "config",
+    ["rand-m9-mstd0.5-inc1", "rand-m1-mstd2-inc1", "rand-m5-mstd101", "rand-m9-n3-p0.8-mmax12-mstd1", "v0r-mstd0.5"],
+)
 def test_auto_augment_draws_what_timm_create_transform_draws(config: str) -> None:
     """Same seeds, same sequence of ops, magnitudes, level args, fill and interpolation as timm's PIL pipeline."""
     timm_augment, das_augment = _timm_and_das_lab_augment(config)
@@ -168,13 +193,17 @@ def test_dat_recipe_draws_reach_every_op_and_the_magnitude_edges() -> None:
     _, low_augment = _timm_and_das_lab_augment("rand-m1-mstd2-inc1")
     low = _record_draws(low_augment, 1000)
     assert 0.2 < np.mean([magnitude == 0.0 for _, magnitude, *_ in low]) < 0.4  # P(N(1, 2) <= 0) = 0.31
-    assert {level_args for name, magnitude, level_args, *_ in low if name == "SolarizeIncreasing" and magnitude == 0.0} == {(256,)}
+    assert {
+        level_args for name, magnitude, level_args, *_ in low if name == "SolarizeIncreasing" and magnitude == 0.0
+    } == {(256,)}
 
 
 def test_random_erasing_of_the_dat_recipe_draws_boxes_to_every_edge() -> None:
     """4000 erasings on a 16x16 normalised zero image: probability 0.25, area 2-33%, aspect 0.3-3.3,
     per-pixel N(0, 1) noise, boxes touching each edge of the image."""
-    (erasing,) = [step for step in build_train_transform(16, DAT_PAPER).transforms if type(step).__name__ == "RandomErasing"]
+    (erasing,) = [
+        step for step in build_train_transform(16, DAT_PAPER).transforms if type(step).__name__ == "RandomErasing"
+    ]
     random.seed(0)
     torch.manual_seed(0)
     boxes, noise = [], []
@@ -214,7 +243,10 @@ def test_every_op_runs_on_non_contiguous_tiny_images_like_pil() -> None:
     """A 5x4 channels-last view (a 3x3 sharpen window barely fits); rotate keeps its bicubic-kernel caveat."""
     image = torch.from_numpy(_photo(5, 4)).permute(2, 0, 1)
     assert not image.is_contiguous()
-    representative = {**{name: arg_list[-1] for name, arg_list in {**EXACT, **BLENDS, **LINE_SHIFTS}.items()}, "Rotate": (10.0,)}
+    representative = {
+        **{name: arg_list[-1] for name, arg_list in {**EXACT, **BLENDS, **LINE_SHIFTS}.items()},
+        "Rotate": (10.0,),
+    }
     for name in TENSOR_OPS:
         args = next(representative[key] for key in (name, name + "Increasing", name + "Rel") if key in representative)
         out = TENSOR_OPS[name](image, *args, fillcolor=FILL, resample=Image.Resampling.BILINEAR)

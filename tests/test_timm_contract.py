@@ -40,8 +40,18 @@ def test_default_cfg_head_and_classifier_reset(name):
     model = timm.create_model(name, **TINY[name]).eval()
     cfg = model.pretrained_cfg
     assert cfg is model.default_cfg and cfg["architecture"] == name
-    for key in ("input_size", "crop_pct", "interpolation", "mean", "std", "num_classes", "first_conv", "classifier",
-                "pool_size", "license"):
+    for key in (
+        "input_size",
+        "crop_pct",
+        "interpolation",
+        "mean",
+        "std",
+        "num_classes",
+        "first_conv",
+        "classifier",
+        "pool_size",
+        "license",
+    ):
         assert cfg.get(key) is not None, key
     state = model.state_dict()
     assert f"{cfg['first_conv']}.weight" in state and f"{cfg['classifier']}.weight" in state
@@ -64,12 +74,20 @@ def test_default_cfg_head_and_classifier_reset(name):
 
 def test_every_das_lab_name_has_a_pretrained_cfg_and_declared_weights_where_they_exist():
     names = timm.list_models(["das_*", "daslab_*", "dat_*", "*_resnet*", "resnet_tiny"])
-    ours = [n for n in names if timm.models.get_pretrained_cfg(n) and "das_lab" in timm.models.model_entrypoint(
-        n).__module__]
+    ours = [
+        n
+        for n in names
+        if timm.models.get_pretrained_cfg(n) and "das_lab" in timm.models.model_entrypoint(n).__module__
+    ]
     assert {"das_resnet50", "daslab_resnet18", "se_resnet50", "dat_tiny", "dat_nano", "das_mobilenet_v2"} <= set(ours)
     pretrained = set(timm.list_models(pretrained=True))
-    assert {"das_resnet50.tv_in1k", "daslab_resnet50.tv_in1k", "dat_tiny.in1k", "dat_base.in1k_384",
-            "das_mobilenet_v2.tv_in1k"} <= pretrained
+    assert {
+        "das_resnet50.tv_in1k",
+        "daslab_resnet50.tv_in1k",
+        "dat_tiny.in1k",
+        "dat_base.in1k_384",
+        "das_mobilenet_v2.tv_in1k",
+    } <= pretrained
     assert timm.models.get_pretrained_cfg("das_resnet50").hf_hub_id == "timm/resnet50.tv_in1k"
     assert timm.models.get_pretrained_cfg("dat_tiny").url.startswith("https://cloud.tsinghua.edu.cn/")
 
@@ -141,8 +159,10 @@ def _grads(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name, block", [("das_resnet_tiny", "layer2.0"), ("dat_nano", "stages.1.mlps.0"),
-                                         ("das_mobilenet_v2", "features.5")])
+@pytest.mark.parametrize(
+    "name, block",
+    [("das_resnet_tiny", "layer2.0"), ("dat_nano", "stages.1.mlps.0"), ("das_mobilenet_v2", "features.5")],
+)
 def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients(name, block):
     torch.manual_seed(0)
     # eval: no dropout/drop-path randomness and no batch-norm statistics updates between the two runs
@@ -171,6 +191,7 @@ def test_backward_reaches_every_parameter(name):
 
 
 # ---------------------------------------------------------------- weights through timm's mechanism
+
 
 def test_pretrained_file_of_a_torchvision_resnet_loads_with_fresh_gates(tmp_path, caplog):
     torch.manual_seed(0)
@@ -207,7 +228,12 @@ def test_pretrained_file_in_the_official_dat_layout_loads_and_resizes_tables(tmp
     with torch.no_grad():
         torch.testing.assert_close(same(x), source(x))
     bigger = timm.create_model(
-        "dat_nano", pretrained=True, img_size=96, num_classes=5, out_norms=True, pretrained_cfg_overlay={"file": str(path)}
+        "dat_nano",
+        pretrained=True,
+        img_size=96,
+        num_classes=5,
+        out_norms=True,
+        pretrained_cfg_overlay={"file": str(path)},
     )
     assert bigger.stages[0].attns[1].rpe_table.shape == (1, 47, 47) and bigger.cls_head.weight.shape == (5, 128)
     torch.testing.assert_close(bigger.stages[2].attns[0].rpb, source.stages[2].attns[0].rpb)
@@ -241,8 +267,11 @@ def test_model_checkpoint_and_pretrained_share_one_loader(tmp_path):
 
 # ---------------------------------------------------------------- bad input: one line each
 
+
 def test_unknown_name_out_of_range_indices_and_foreign_checkpoint_fail_in_one_line(tmp_path):
-    with pytest.raises(ValueError, match=r"model.name='das_resnet5' is not a timm model; did you mean .*das_resnet50") as err:
+    with pytest.raises(
+        ValueError, match=r"model.name='das_resnet5' is not a timm model; did you mean .*das_resnet50"
+    ) as err:
         create_model("das_resnet5")
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"indices=\(1, 7\): DASResNet has feature levels 0\.\.4") as err:
@@ -252,8 +281,11 @@ def test_unknown_name_out_of_range_indices_and_foreign_checkpoint_fail_in_one_li
         timm.create_model("dat_nano").forward_intermediates(_x(), indices=[5])
     path = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(2, 2)}, path)
-    with pytest.raises(WeightsMismatchError, match=r"other\.pth: no key fits this model \(file has e\.g\. "
-                                                   r"'encoder\.weight', the model expects e\.g\. 'conv1\.weight'\)") as err:
+    with pytest.raises(
+        WeightsMismatchError,
+        match=r"other\.pth: no key fits this model \(file has e\.g\. "
+        r"'encoder\.weight', the model expects e\.g\. 'conv1\.weight'\)",
+    ) as err:
         timm.create_model("das_resnet_tiny", checkpoint=str(path))
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="feature_cls='hook' would hook module outputs and miss the DAS gates"):
@@ -261,6 +293,7 @@ def test_unknown_name_out_of_range_indices_and_foreign_checkpoint_fail_in_one_li
 
 
 # ---------------------------------------------------------------- registration and tracing
+
 
 def test_importing_das_lab_registers_the_models_without_importing_torch():
     code = (

@@ -28,8 +28,18 @@ SHORT = [
 
 def test_stanford_dogs_with_paper_recipe(tmp_path):
     make_stanford_dogs(tmp_path / "dogs")
-    result = run_cli(["train", "data=stanford_dogs", f"data.root={tmp_path / 'dogs'}", f"data.num_classes={len(DOG_BREEDS)}",
-                      f"data.cache_dir={tmp_path / 'cache'}", "recipe=dat_paper", *SHORT], cwd=tmp_path)
+    result = run_cli(
+        [
+            "train",
+            "data=stanford_dogs",
+            f"data.root={tmp_path / 'dogs'}",
+            f"data.num_classes={len(DOG_BREEDS)}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "recipe=dat_paper",
+            *SHORT,
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(run_dirs(tmp_path)[0])
     assert metrics["status"] == "completed" and 0 <= metrics["final"]["test/acc1"] <= 1
@@ -37,9 +47,19 @@ def test_stanford_dogs_with_paper_recipe(tmp_path):
 
 def test_imagenet_archives_and_ema(tmp_path):
     make_imagenet_archives(tmp_path / "imagenet", tmp_path / "staging")
-    result = run_cli(["train", "data=imagenet", f"data.root={tmp_path / 'imagenet'}", f"data.num_classes={len(IMAGENET_WNIDS)}",
-                      f"data.cache_dir={tmp_path / 'cache'}", "data.verify_md5=false", "callbacks=ema", *SHORT],
-                     cwd=tmp_path)
+    result = run_cli(
+        [
+            "train",
+            "data=imagenet",
+            f"data.root={tmp_path / 'imagenet'}",
+            f"data.num_classes={len(IMAGENET_WNIDS)}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.verify_md5=false",
+            "callbacks=ema",
+            *SHORT,
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = run_dirs(tmp_path)[0]
     assert read_metrics(run_dir)["status"] == "completed"

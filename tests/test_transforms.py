@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -71,11 +70,18 @@ def test_dat_recipe_is_timm_randaugment_on_tensors_with_erasing_and_mixup() -> N
     transform = build_train_transform(32, OmegaConf.to_container(recipe.data.train_augment))
     ops = _flatten(transform)
     assert [type(op) for op in ops] == [
-        v2.RandomResizedCrop, v2.RandomHorizontalFlip, RandAugment, v2.ToDtype, v2.Normalize, RandomErasing
+        v2.RandomResizedCrop,
+        v2.RandomHorizontalFlip,
+        RandAugment,
+        v2.ToDtype,
+        v2.Normalize,
+        RandomErasing,
     ]
     assert ops[0].interpolation == v2.InterpolationMode.BICUBIC
     rand_augment = ops[2]
-    assert rand_augment.num_layers == 2 and rand_augment.ops[0].magnitude == 9 and rand_augment.ops[0].magnitude_std == 0.5
+    assert (
+        rand_augment.num_layers == 2 and rand_augment.ops[0].magnitude == 9 and rand_augment.ops[0].magnitude_std == 0.5
+    )
     assert [op.name for op in rand_augment.ops] == _RAND_INCREASING_TRANSFORMS
     assert all(op.aug_fn is TENSOR_OPS[op.name] and op.prob == 0.5 for op in rand_augment.ops)
     assert rand_augment.ops[0].kwargs == {"fillcolor": (124, 116, 104), "resample": Image.Resampling.BICUBIC}
@@ -96,9 +102,9 @@ def test_eval_resizes_to_size_over_crop_pct_then_centre_crops() -> None:
     out = build_eval_transform(28, 0.875, "bilinear")(image)
     resized = F.resize(image, [32, 48], antialias=True)
     assert math.floor(28 / 0.875) == 32
-    reference = (F.center_crop(resized, [28, 28]).float() / 255 - torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]) / torch.tensor(
-        IMAGENET_DEFAULT_STD
-    )[:, None, None]
+    reference = (
+        F.center_crop(resized, [28, 28]).float() / 255 - torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]
+    ) / torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
     assert out.shape == (3, 28, 28)
     assert torch.allclose(out, reference, atol=1e-5)
 
@@ -112,7 +118,10 @@ def test_decode_rejects_garbage_and_reads_bmp_through_pillow(tmp_path: Path) -> 
     from PIL import Image
 
     Image.new("RGBA", (5, 4), (10, 20, 30, 0)).save(tmp_path / "a.bmp")
-    assert decode_rgb((tmp_path / "a.bmp").read_bytes()).tolist() == torch.tensor([10, 20, 30])[:, None, None].expand(3, 4, 5).tolist()
+    assert (
+        decode_rgb((tmp_path / "a.bmp").read_bytes()).tolist()
+        == torch.tensor([10, 20, 30])[:, None, None].expand(3, 4, 5).tolist()
+    )
     with pytest.raises(RuntimeError, match="x.jpg: cannot decode image"):
         decode_rgb(b"\xff\xd8garbage", "x.jpg")
 
@@ -131,8 +140,12 @@ def test_posterize_keeps_high_bits_and_zero_bits_is_black() -> None:
 
 @pytest.mark.parametrize(
     ("auto_augment", "kernel"),
-    [("rand-m9-mstd0.5-inc1", tensor_posterize), ("rand-m9-mstd0.5", tensor_posterize), ("v0r-mstd0.5", tensor_posterize),
-     ("augmix-m5-w3-d2", posterize)],
+    [
+        ("rand-m9-mstd0.5-inc1", tensor_posterize),
+        ("rand-m9-mstd0.5", tensor_posterize),
+        ("v0r-mstd0.5", tensor_posterize),
+        ("augmix-m5-w3-d2", posterize),
+    ],
 )
 def test_every_timm_augment_policy_posterizes_through_das_lab(auto_augment: str, kernel) -> None:
     transform = build_train_transform(8, {"auto_augment": auto_augment, "interpolation": "bicubic"})
@@ -160,7 +173,13 @@ def test_recipes_without_tensor_kernels_run_timm_pil_pipeline_and_say_why(augmen
 
 def test_colour_jitter_without_auto_augment_runs_on_tensors() -> None:
     ops = _flatten(build_train_transform(8, {"color_jitter": 0.4, "hflip": 0.5, "interpolation": "bilinear"}))
-    assert [type(op) for op in ops] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip, ColorJitter, v2.ToDtype, v2.Normalize]
+    assert [type(op) for op in ops] == [
+        v2.RandomResizedCrop,
+        v2.RandomHorizontalFlip,
+        ColorJitter,
+        v2.ToDtype,
+        v2.Normalize,
+    ]
     assert ops[2].sampler.brightness == ops[2].sampler.saturation == (0.6, 1.4)
 
 
@@ -180,8 +199,18 @@ def test_dat_recipe_posterize_at_magnitude_ten_is_a_black_image_not_an_error() -
 def test_dat_recipe_train_pipeline_survives_zero_bit_posterize(tmp_path: Path) -> None:
     """Many passes of the real train dataset of data=stanford_dogs recipe=dat_paper, until 0 bits is drawn."""
     fake = make_stanford_dogs(tmp_path / "dogs")
-    cfg = compose_config(["data=stanford_dogs", "recipe=dat_paper", f"data.root={fake.root}", f"data.cache_dir={tmp_path}",
-                          f"data.num_classes={len(DOG_BREEDS)}", "data.image_size=8", "data.num_workers=0", "data.pin_memory=false"])
+    cfg = compose_config(
+        [
+            "data=stanford_dogs",
+            "recipe=dat_paper",
+            f"data.root={fake.root}",
+            f"data.cache_dir={tmp_path}",
+            f"data.num_classes={len(DOG_BREEDS)}",
+            "data.image_size=8",
+            "data.num_workers=0",
+            "data.pin_memory=false",
+        ]
+    )
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     (op,) = [op for op in augment_ops(datamodule.train_transform) if op.name.startswith("Posterize")]

@@ -29,8 +29,17 @@ TINY_RESNET = dict(num_classes=10, block="basic", layers=[1, 1, 1, 1], channels=
 
 
 def _dat_nano(**changes) -> DAT:
-    args = dict(img_size=64, num_classes=10, dim_stem=16, dims=[16, 32, 64, 128], depths=[2, 2, 2, 1],
-                heads=[1, 2, 2, 4], stage_spec=[["N", "D"], ["N", "D"], ["N", "D"], ["D"]], groups=[1, 1, 1, 2], strides=[4, 2, 1, 1])
+    args = dict(
+        img_size=64,
+        num_classes=10,
+        dim_stem=16,
+        dims=[16, 32, 64, 128],
+        depths=[2, 2, 2, 1],
+        heads=[1, 2, 2, 4],
+        stage_spec=[["N", "D"], ["N", "D"], ["N", "D"], ["D"]],
+        groups=[1, 1, 1, 2],
+        strides=[4, 2, 1, 1],
+    )
     return DAT(**{**args, **changes})
 
 
@@ -85,9 +94,16 @@ def test_dat_figures_draw_each_deformable_block_and_no_offsets_sit_on_the_grid()
 def _fake_trainer(tmp_path: Path, epoch: int, loggers: list) -> SimpleNamespace:
     images = torch.randn(6, 3, 32, 32)
     loader = DataLoader(TensorDataset(images, torch.arange(6) % 3), batch_size=4)
-    return SimpleNamespace(sanity_checking=False, is_global_zero=True, current_epoch=epoch, val_dataloaders=loader,
-                           datamodule=SimpleNamespace(class_names=["cat", "dog", "fox"]),
-                           default_root_dir=str(tmp_path), loggers=loggers, global_step=7)
+    return SimpleNamespace(
+        sanity_checking=False,
+        is_global_zero=True,
+        current_epoch=epoch,
+        val_dataloaders=loader,
+        datamodule=SimpleNamespace(class_names=["cat", "dog", "fox"]),
+        default_root_dir=str(tmp_path),
+        loggers=loggers,
+        global_step=7,
+    )
 
 
 def test_callback_saves_every_n_epochs_and_logs_to_tensorboard(tmp_path):

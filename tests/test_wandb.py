@@ -102,7 +102,9 @@ def test_close_loggers_finishes_failed_run_and_keeps_summary(wandb_env):
     logger = WandbLogger(project="das-lab", save_dir=str(wandb_env / "run"), name="job", log_model=True)
     logger.log_hyperparams({"params": 1234, "gflops": 0.5, "optimizer": {"lr": 0.1}})
     logger.log_metrics({"val/acc1": 0.25}, step=3)
-    close_loggers([CSVLogger(str(wandb_env / "csv")), logger], failed=True, best={"val/acc1": 0.5, "val/map_large": None})
+    close_loggers(
+        [CSVLogger(str(wandb_env / "csv")), logger], failed=True, best={"val/acc1": 0.5, "val/map_large": None}
+    )
     assert wandb.run is None
     close_loggers([logger], failed=False)  # closing twice is harmless
 
@@ -135,8 +137,17 @@ def test_a_run_left_open_is_finished_not_reused(wandb_env):
 
 @pytest.mark.slow
 def test_multirun_offline_runs_are_grouped_and_hold_metrics_and_images(wandb_env):
-    args = ["train", "-m", "hydra/launcher=basic", "seed=1,2", "logger=[csv,wandb]", "callbacks=visualize", "callbacks.visualize.num_images=2",
-            "model=das_resnet_tiny", *FAST]
+    args = [
+        "train",
+        "-m",
+        "hydra/launcher=basic",
+        "seed=1,2",
+        "logger=[csv,wandb]",
+        "callbacks=visualize",
+        "callbacks.visualize.num_images=2",
+        "model=das_resnet_tiny",
+        *FAST,
+    ]
     env = {"WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"}
     result = run_cli(args, cwd=wandb_env, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -156,7 +167,9 @@ def test_multirun_offline_runs_are_grouped_and_hold_metrics_and_images(wandb_env
         assert [e.exit_code for e in _of(records, "exit")] == [0]  # every job finished its own run
         names.append(run.display_name)
         keys = _history_keys(records)
-        summary = {u.key or "/".join(u.nested_key): json.loads(u.value_json) for s in _of(records, "summary") for u in s.update}
+        summary = {
+            u.key or "/".join(u.nested_key): json.loads(u.value_json) for s in _of(records, "summary") for u in s.update
+        }
         metrics = json.loads((job / "metrics.json").read_text())
         assert {"params", "gflops"} <= set(summary) and metrics["params"] > 0
         assert {f"best/{name}": value for name, value in metrics["best"].items()} == {

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
+from das_lab.report import main
 from test_report import _completed, _job
 from test_wandb import finished_records, wandb_env  # noqa: F401  (fixture)
-
-from das_lab.report import main
 
 
 def test_report_logs_its_tables_and_plots_to_an_offline_wandb_run(wandb_env, capsys):  # noqa: F811

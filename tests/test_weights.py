@@ -38,8 +38,13 @@ def _lightning_ckpt(state):
 
 @pytest.mark.parametrize(
     "wrap",
-    [lambda s: s, lambda s: {"model": s}, lambda s: {"state_dict": s}, _lightning_ckpt,
-     lambda s: {f"module.{k}": v for k, v in s.items()}],
+    [
+        lambda s: s,
+        lambda s: {"model": s},
+        lambda s: {"state_dict": s},
+        _lightning_ckpt,
+        lambda s: {f"module.{k}": v for k, v in s.items()},
+    ],
     ids=["raw", "model", "state_dict", "lightning", "ddp"],
 )
 def test_accepted_formats_load_every_tensor(tmp_path, wrap):
@@ -77,7 +82,10 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path):
     state["extra.weight"] = torch.zeros(2)
     path = tmp_path / "w.pth"
     torch.save(state, path)
-    with pytest.raises(WeightsMismatchError, match=r"(?s)missing from the file: bn1\.weight.*unexpected \(not in the model\): extra\.weight"):
+    with pytest.raises(
+        WeightsMismatchError,
+        match=r"(?s)missing from the file: bn1\.weight.*unexpected \(not in the model\): extra\.weight",
+    ):
         load_weights(Net(), path)
     report = load_weights(Net(), path, new_modules=["bn1"], strict=False)
     assert report.expected_missing == ["bn1.weight"] and report.missing == []
@@ -95,8 +103,11 @@ def test_new_modules_do_not_fail_a_strict_load(tmp_path):
 def test_a_file_matching_nothing_fails_even_non_strict(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(nn.Linear(2, 2).state_dict(), path)
-    with pytest.raises(WeightsMismatchError, match=r"other\.pth: no key fits this model \(file has e\.g\. 'weight', "
-                                                   r"the model expects e\.g\. 'conv1\.weight'\)") as err:
+    with pytest.raises(
+        WeightsMismatchError,
+        match=r"other\.pth: no key fits this model \(file has e\.g\. 'weight', "
+        r"the model expects e\.g\. 'conv1\.weight'\)",
+    ) as err:
         load_weights(Net(), path, strict=False)
     assert "\n" not in str(err.value)
 

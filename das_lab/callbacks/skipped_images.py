@@ -26,7 +26,10 @@ class SkippedImagesReport(L.Callback):
             shown = ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else "")
             log.warning(
                 "%s epoch %d: %d corrupt image(s) skipped and replaced (data.skip_corrupt=true): %s",
-                split, trainer.current_epoch, len(paths), shown,
+                split,
+                trainer.current_epoch,
+                len(paths),
+                shown,
             )
         self.last_counts[split] = len(paths)
 
@@ -39,11 +42,3 @@ class SkippedImagesReport(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, "test")
-
-
-def attach_skipped_report(datamodule: L.LightningDataModule) -> None:
-    """Give the datamodule's trainer a ``SkippedImagesReport`` unless it already has one."""
-    trainer = datamodule.trainer
-    if trainer is None or any(isinstance(cb, SkippedImagesReport) for cb in trainer.callbacks):
-        return
-    trainer.callbacks.append(SkippedImagesReport())

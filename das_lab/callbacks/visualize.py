@@ -60,8 +60,9 @@ class AttentionVisualizer(Callback):
             return
         net = getattr(pl_module, "net", pl_module)
         if not can_draw(net):
-            log.info("callbacks.visualize: %s has no DAS gates or deformable sampling; nothing to draw",
-                     type(net).__name__)
+            log.info(
+                "callbacks.visualize: %s has no DAS gates or deformable sampling; nothing to draw", type(net).__name__
+            )
             self._nothing_to_draw = True
             return
         images, titles = self._fixed_images(trainer)

@@ -51,7 +51,9 @@ Sample = tuple[torch.Tensor, torch.Tensor, str]
 def read_class_names(path: Path) -> list[str]:
     """Class names in label order from ``objectInfo150.txt`` (first synonym: 'windowpane;window' -> 'windowpane')."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; the release has objectInfo150.txt next to images/ and annotations/")
+        raise FileNotFoundError(
+            f"{path}: not found; the release has objectInfo150.txt next to images/ and annotations/"
+        )
     rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
     names = {int(row[0]): row[-1].split(";")[0].strip() for row in rows if len(row) >= 2 and row[0].strip().isdigit()}
     if sorted(names) != list(range(1, NUM_CLASSES + 1)):
@@ -65,8 +67,9 @@ def read_class_names(path: Path) -> list[str]:
 def read_label(path: str | Path) -> torch.Tensor:
     """A release label PNG as a (H, W) uint8 tensor of 0..150, failing in one line on anything else."""
     try:
-        label = decode_image(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8),
-                             mode=ImageReadMode.UNCHANGED)
+        label = decode_image(
+            torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED
+        )
     except (OSError, RuntimeError) as error:
         raise CorruptImageError(f"{path}: cannot decode label map ({error})") from error
     if label.shape[0] != 1 or label.dtype != torch.uint8:
@@ -105,7 +108,7 @@ def crop_box(label: torch.Tensor, crop_size: int, cat_max_ratio: float, tries: i
         left = random.randint(0, max(width - crop_size, 0))
         if cat_max_ratio >= 1.0:
             break
-        window = label[top:top + crop_size, left:left + crop_size]
+        window = label[top : top + crop_size, left : left + crop_size]
         counts = torch.bincount(window[window != IGNORE_INDEX].flatten(), minlength=1)
         counts = counts[counts > 0]
         if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
@@ -116,8 +119,9 @@ def crop_box(label: torch.Tensor, crop_size: int, cat_max_ratio: float, tries: i
 class TrainTransform:
     """The official ADE20K training pipeline on a uint8 image and its training-id label map."""
 
-    def __init__(self, scale: Sequence[int], ratio_range: Sequence[float], crop_size: int, cat_max_ratio: float,
-                 hflip: float) -> None:
+    def __init__(
+        self, scale: Sequence[int], ratio_range: Sequence[float], crop_size: int, cat_max_ratio: float, hflip: float
+    ) -> None:
         self.scale = tuple(scale)
         self.ratio_range = tuple(ratio_range)
         self.crop_size = crop_size
@@ -125,20 +129,22 @@ class TrainTransform:
         self.hflip = hflip
         # mmseg's PhotoMetricDistortion: each change with probability 0.5; brightness +-32/255 (here a factor),
         # contrast and saturation 0.5..1.5, hue +-18 of OpenCV's 180 (0.1 of the circle)
-        self.photometric = v2.Compose([
-            v2.RandomApply([v2.ColorJitter(brightness=32 / 255)], p=0.5),
-            v2.RandomApply([v2.ColorJitter(contrast=0.5)], p=0.5),
-            v2.RandomApply([v2.ColorJitter(saturation=0.5)], p=0.5),
-            v2.RandomApply([v2.ColorJitter(hue=0.1)], p=0.5),
-        ])
+        self.photometric = v2.Compose(
+            [
+                v2.RandomApply([v2.ColorJitter(brightness=32 / 255)], p=0.5),
+                v2.RandomApply([v2.ColorJitter(contrast=0.5)], p=0.5),
+                v2.RandomApply([v2.ColorJitter(saturation=0.5)], p=0.5),
+                v2.RandomApply([v2.ColorJitter(hue=0.1)], p=0.5),
+            ]
+        )
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         size = rescale_size(*image.shape[-2:], self.scale, random.uniform(*self.ratio_range))
         image = F.resize(image, list(size), InterpolationMode.BILINEAR, antialias=False)
         label = F.resize(label[None], list(size), InterpolationMode.NEAREST)[0]
         top, left = crop_box(label, self.crop_size, self.cat_max_ratio)
-        image = image[:, top:top + self.crop_size, left:left + self.crop_size]
-        label = label[top:top + self.crop_size, left:left + self.crop_size]
+        image = image[:, top : top + self.crop_size, left : left + self.crop_size]
+        label = label[top : top + self.crop_size, left : left + self.crop_size]
         if random.random() < self.hflip:
             image, label = image.flip(-1), label.flip(-1)
         image = normalize(self.photometric(image))
@@ -249,7 +255,9 @@ class ADE20KDataModule(DataModuleBase):
         if not (len(ratio_range) == 2 and 0 < ratio_range[0] <= ratio_range[1]):
             raise ValueError(f"data.ratio_range={list(ratio_range)}: expected [low, high] with 0 < low <= high")
         if crop_size < 1 or not 0 < cat_max_ratio <= 1:
-            raise ValueError(f"data.crop_size={crop_size}, data.cat_max_ratio={cat_max_ratio}: expected >= 1 and (0, 1]")
+            raise ValueError(
+                f"data.crop_size={crop_size}, data.cat_max_ratio={cat_max_ratio}: expected >= 1 and (0, 1]"
+            )
         self.root = Path(root).expanduser()
         self.cache_dir = cache_dir
         self.num_classes = num_classes
@@ -266,10 +274,14 @@ class ADE20KDataModule(DataModuleBase):
             return self.root, f"extracted folder {self.root}"
         archive = self.root / ARCHIVE
         if archive.is_file():
-            extracted = extract_once([archive], self.cache_dir, self.dataset_name, lambda dest: extract_zip(archive, dest))
+            extracted = extract_once(
+                [archive], self.cache_dir, self.dataset_name, lambda dest: extract_zip(archive, dest)
+            )
             return extracted / TOP_FOLDER, f"{archive} extracted into {extracted}"
         found = sorted(p.name for p in self.root.iterdir())[:10] if self.root.is_dir() else "the folder does not exist"
-        raise FileNotFoundError(f"ADE20K not found in data.root={self.root} (found {found}). Expected:\n{EXPECTED_TREE}")
+        raise FileNotFoundError(
+            f"ADE20K not found in data.root={self.root} (found {found}). Expected:\n{EXPECTED_TREE}"
+        )
 
     def prepare_data(self) -> None:
         """Extract the zip into the cache once (Lightning calls this on one process per node)."""

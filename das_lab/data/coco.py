@@ -61,12 +61,16 @@ def load_annotations(path: Path, with_masks: bool) -> dict[str, Any]:
     for section, keys in _REQUIRED.items():
         entries = dataset.get(section)
         if not isinstance(entries, list):
-            raise ValueError(f"{path}: missing list '{section}'; a COCO instances file has images, annotations, categories")
+            raise ValueError(
+                f"{path}: missing list '{section}'; a COCO instances file has images, annotations, categories"
+            )
         required = keys + (("segmentation",) if with_masks and section == "annotations" else ())
         for index, entry in enumerate(entries):
             missing = [key for key in required if key not in entry]
             if missing:
-                raise ValueError(f"{path}: {section}[{index}] has no '{missing[0]}' (required keys: {', '.join(required)})")
+                raise ValueError(
+                    f"{path}: {section}[{index}] has no '{missing[0]}' (required keys: {', '.join(required)})"
+                )
     image_ids = {image["id"] for image in dataset["images"]}
     category_ids = {category["id"] for category in dataset["categories"]}
     for index, annotation in enumerate(dataset["annotations"]):

@@ -55,7 +55,9 @@ def check_out(out: str, root: Path) -> str:
     folder = Path(out).expanduser().absolute()
     source = root.expanduser().absolute()
     if folder == source or source in folder.parents:
-        raise ConfigError(f"out={out} is inside data.root={root}; das-lab never writes into the dataset: choose another out")
+        raise ConfigError(
+            f"out={out} is inside data.root={root}; das-lab never writes into the dataset: choose another out"
+        )
     if folder.is_file():
         raise ConfigError(f"out={out} is a file; give a folder (or an s3://, gs:// URL) for the shards")
     return str(folder)
@@ -96,8 +98,14 @@ def convert_split(
     log.info("%s: writing %d images with %d workers", location, len(inputs), num_workers)
     # the workers only read files: fork starts them at once, spawn would import torch again in each
     optimize(
-        fn=read_record, inputs=inputs, output_dir=location, num_workers=num_workers, chunk_bytes=chunk_bytes,
-        use_checkpoint=True, reorder_files=False, start_method="fork",
+        fn=read_record,
+        inputs=inputs,
+        output_dir=location,
+        num_workers=num_workers,
+        chunk_bytes=chunk_bytes,
+        use_checkpoint=True,
+        reorder_files=False,
+        start_method="fork",
     )
 
 
@@ -122,18 +130,25 @@ def convert(cfg: DictConfig, run: Run) -> Outcome:
     for split in SPLITS:
         samples = getattr(splits, split)
         if not samples:
-            raise ConfigError(f"{datamodule.dataset_name} in {datamodule.root}: the {split} split is empty; check the dataset")
+            raise ConfigError(
+                f"{datamodule.dataset_name} in {datamodule.root}: the {split} split is empty; check the dataset"
+            )
         if id(samples) not in converted:
             convert_split(samples, folder, join(out, split), cfg.num_workers, cfg.chunk_bytes, cfg.write_seed)
             converted[id(samples)] = split
         counts = Counter(label for _, label in samples)
         entries[split] = {
-            "dir": converted[id(samples)], "size": len(samples),
+            "dir": converted[id(samples)],
+            "size": len(samples),
             "class_counts": [counts[label] for label in range(len(splits.class_names))],
         }
     metadata = {
-        "version": METADATA_VERSION, "dataset": datamodule.dataset_name, "source": layout,
-        "class_names": splits.class_names, "expected_sizes": splits.expected_sizes, "splits": entries,
+        "version": METADATA_VERSION,
+        "dataset": datamodule.dataset_name,
+        "source": layout,
+        "class_names": splits.class_names,
+        "expected_sizes": splits.expected_sizes,
+        "splits": entries,
     }
     _write_text(join(out, METADATA_FILE), json.dumps(metadata, indent=1))
     sizes = ", ".join(f"{split} {entries[split]['size']}" for split in SPLITS)

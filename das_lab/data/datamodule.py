@@ -19,7 +19,6 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from das_lab.callbacks.skipped_images import attach_skipped_report
 from das_lab.data.datasets import ImageSampleDataset
 from das_lab.data.transforms import build_eval_transform, build_train_transform, normalize_augment
 
@@ -174,15 +173,20 @@ class ImageClassificationDataModule(DataModuleBase):
     def eval_data_config(self) -> dict[str, Any]:
         """The eval preprocessing in timm's terms (exported models' pretrained_cfg)."""
         return {
-            "input_size": (3, self.image_size, self.image_size), "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD, "crop_pct": self.crop_pct, "interpolation": self.eval_interpolation,
+            "input_size": (3, self.image_size, self.image_size),
+            "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD,
+            "crop_pct": self.crop_pct,
+            "interpolation": self.eval_interpolation,
         }
 
     def layout_error(self, detail: str) -> FileNotFoundError:
         """The one setup error for a missing or misplaced dataset: what is wrong, the expected tree, where to get it."""
         if self.root.is_dir():
             detail = f"{detail} (found {sorted(p.name for p in self.root.iterdir())[:10]})"
-        return FileNotFoundError(f"{self.title} not found in data.root={self.root}: {detail}. Expected:\n{self.expected_tree}")
+        return FileNotFoundError(
+            f"{self.title} not found in data.root={self.root}: {detail}. Expected:\n{self.expected_tree}"
+        )
 
     def require_root(self) -> None:
         """Fail early, with the expected tree, when data.root is not a folder."""
@@ -206,8 +210,6 @@ class ImageClassificationDataModule(DataModuleBase):
         self.resolve_root()
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.skip_corrupt:
-            attach_skipped_report(self)
         if self.train_set is not None:
             return
         folder, self.layout = self.resolve_root()
@@ -224,8 +226,15 @@ class ImageClassificationDataModule(DataModuleBase):
         self.expected_sizes = splits.expected_sizes
         self.train_set = self.make_dataset(splits.train, self.train_transform)
         self.val_set = self.make_dataset(splits.val, self.eval_transform)
-        self.test_set = self.val_set if splits.test is splits.val else self.make_dataset(splits.test, self.eval_transform)
+        self.test_set = (
+            self.val_set if splits.test is splits.val else self.make_dataset(splits.test, self.eval_transform)
+        )
         log.info(
             "%s: %s; %d classes; train %d, val %d, test %d images",
-            self.dataset_name, self.layout, self.num_classes, len(splits.train), len(splits.val), len(splits.test),
+            self.dataset_name,
+            self.layout,
+            self.num_classes,
+            len(splits.train),
+            len(splits.val),
+            len(splits.test),
         )

@@ -49,7 +49,9 @@ def decode_rgb(data: bytes, path: str = "<bytes>") -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as image:
             rgb = image.convert("RGB")
     except UnidentifiedImageError as error:
-        raise CorruptImageError(f"{path}: cannot decode image (not a format torchvision or Pillow can read); {_FIX}") from error
+        raise CorruptImageError(
+            f"{path}: cannot decode image (not a format torchvision or Pillow can read); {_FIX}"
+        ) from error
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise CorruptImageError(f"{path}: cannot decode image ({error}); {_FIX}") from error
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()

@@ -129,8 +129,11 @@ class DigitsDataModule(DataModuleBase):
     def eval_data_config(self) -> dict[str, Any]:
         """The eval preprocessing in timm's terms (exported models' pretrained_cfg); inputs are grayscale canvases."""
         return {
-            "input_size": (3, self.image_size, self.image_size), "mean": (_MEAN,) * 3, "std": (_STD,) * 3,
-            "crop_pct": 1.0, "interpolation": "bilinear",
+            "input_size": (3, self.image_size, self.image_size),
+            "mean": (_MEAN,) * 3,
+            "std": (_STD,) * 3,
+            "crop_pct": 1.0,
+            "interpolation": "bilinear",
         }
 
     def eval_transform(self, rgb: torch.Tensor) -> torch.Tensor:

@@ -134,8 +134,18 @@ class ImageNetDataModule(ShardsFormat, ImageClassificationDataModule):
         format: str = "folder",
     ) -> None:
         super().__init__(
-            root, image_size, num_classes, train_augment, crop_pct, eval_interpolation, skip_corrupt,
-            batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor,
+            root,
+            image_size,
+            num_classes,
+            train_augment,
+            crop_pct,
+            eval_interpolation,
+            skip_corrupt,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            prefetch_factor,
         )
         if max_per_class is not None and max_per_class < 1:
             raise ValueError(f"data.max_per_class={max_per_class}: expected null (all images) or a positive integer")
@@ -153,7 +163,9 @@ class ImageNetDataModule(ShardsFormat, ImageClassificationDataModule):
         if missing:
             raise self.layout_error(f"neither train/ + val/ nor the archive(s) {missing} are there")
         folder = extract_once(
-            archives, self.cache_dir, self.dataset_name,
+            archives,
+            self.cache_dir,
+            self.dataset_name,
             lambda destination: extract_archives(self.root, destination, self.verify_md5),
         )
         return folder, f"official archives in {self.root}, extracted to {folder}"
@@ -182,9 +194,13 @@ class ImageNetDataModule(ShardsFormat, ImageClassificationDataModule):
             words = json.loads(classes_file.read_text())
         else:
             words = ImageNetInfo().label_descriptions(as_dict=True)
-        official = self.num_classes == OFFICIAL_CLASSES and len(found) == OFFICIAL_CLASSES and self.max_per_class is None
+        official = (
+            self.num_classes == OFFICIAL_CLASSES and len(found) == OFFICIAL_CLASSES and self.max_per_class is None
+        )
         return SplitSamples(
-            train=train, val=val, test=val,
+            train=train,
+            val=val,
+            test=val,
             class_names=readable_names(wnids, words),
             expected_sizes=dict(OFFICIAL_SIZES) if official else {},
         )

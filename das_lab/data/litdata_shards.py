@@ -83,7 +83,9 @@ def object_store(url: str) -> Any:
     if url.startswith("s3://"):
         from botocore.config import Config
 
-        return _get_fs_provider(url, {"config": Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10)})
+        return _get_fs_provider(
+            url, {"config": Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10)}
+        )
     return _get_fs_provider(url)
 
 
@@ -115,7 +117,9 @@ def read_metadata(location: str, dataset: str) -> dict[str, Any]:
                     f"data.root={location}: the conversion there was interrupted ({METADATA_FILE} is written last "
                     f"and is missing); finish it by running the same command again: {how}"
                 )
-            raise ShardsError(f"data.root={location}: no converted dataset there (no {METADATA_FILE}); create it with: {how}")
+            raise ShardsError(
+                f"data.root={location}: no converted dataset there (no {METADATA_FILE}); create it with: {how}"
+            )
         text = (folder / METADATA_FILE).read_text()
     metadata = json.loads(text)
     if metadata.get("version") != METADATA_VERSION:
@@ -166,8 +170,12 @@ class ImageShardDataset(StreamingDataset):
         seed: int,
         class_counts: list[int],
     ) -> None:
-        super().__init__(location if is_url(location) else str(Path(location).expanduser()),
-                         cache_dir=cache_dir, shuffle=shuffle, seed=seed)
+        super().__init__(
+            location if is_url(location) else str(Path(location).expanduser()),
+            cache_dir=cache_dir,
+            shuffle=shuffle,
+            seed=seed,
+        )
         # LitData (0.2.76) reassigns chunks within each node from the second epoch on, and a chunk that
         # straddled two nodes in the first epoch is then read by both: images repeat. As one node, every
         # epoch's chunks are permuted by (seed, epoch) and split across all ranks: each image once.
@@ -247,15 +255,25 @@ class ShardsFormat:
             entry = metadata["splits"][split]
             if entry["dir"] not in made:
                 made[entry["dir"]] = ImageShardDataset(
-                    join(self.location, entry["dir"]), shard_cache_dir(self.shards_cache_dir, self.location, entry["dir"]),
+                    join(self.location, entry["dir"]),
+                    shard_cache_dir(self.shards_cache_dir, self.location, entry["dir"]),
                     self.train_transform if split == "train" else self.eval_transform,
-                    shuffle=split == "train", seed=seed, class_counts=entry["class_counts"],
+                    shuffle=split == "train",
+                    seed=seed,
+                    class_counts=entry["class_counts"],
                 )
             check_records(made[entry["dir"]], entry["size"], self.dataset_name)
             setattr(self, f"{split}_set", made[entry["dir"]])
         sizes = {split: metadata["splits"][split]["size"] for split in SPLITS}
-        log.info("%s: %s; %d classes; train %d, val %d, test %d images", self.dataset_name, self.layout,
-                 self.num_classes, sizes["train"], sizes["val"], sizes["test"])
+        log.info(
+            "%s: %s; %d classes; train %d, val %d, test %d images",
+            self.dataset_name,
+            self.layout,
+            self.num_classes,
+            sizes["train"],
+            sizes["val"],
+            sizes["test"],
+        )
 
     def _loader(self, dataset: Any, shuffle: bool) -> Any:
         if self.data_format == "folder":

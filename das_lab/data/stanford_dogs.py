@@ -111,18 +111,32 @@ class StanfordDogsDataModule(ShardsFormat, ImageClassificationDataModule):
         format: str = "folder",
     ) -> None:
         super().__init__(
-            root, image_size, num_classes, train_augment, crop_pct, eval_interpolation, skip_corrupt,
-            batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor,
+            root,
+            image_size,
+            num_classes,
+            train_augment,
+            crop_pct,
+            eval_interpolation,
+            skip_corrupt,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            prefetch_factor,
         )
         if not 0 <= val_per_class < 100:
-            raise ValueError(f"data.val_per_class={val_per_class}: expected 0 (val = test) to 99 of the 100 train images per breed")
+            raise ValueError(
+                f"data.val_per_class={val_per_class}: expected 0 (val = test) to 99 of the 100 train images per breed"
+            )
         self.cache_dir = cache_dir
         self.init_format(format, root, cache_dir)
         self.val_per_class = val_per_class
         self.split_seed = split_seed
         self.crop_to_bbox = crop_to_bbox
         if crop_to_bbox and format == "litdata":
-            raise ValueError("data.crop_to_bbox=true needs the annotations, which shards do not hold; use data.format=folder")
+            raise ValueError(
+                "data.crop_to_bbox=true needs the annotations, which shards do not hold; use data.format=folder"
+            )
         self._annotations: dict[str, str] = {}
 
     def resolve_root(self) -> tuple[Path, str]:
@@ -149,9 +163,11 @@ class StanfordDogsDataModule(ShardsFormat, ImageClassificationDataModule):
         try:
             mat = scipy.io.loadmat(path)
             files, labels = _mat_strings(mat["file_list"]), mat["labels"].flatten().astype(int) - 1
-            annotations = _mat_strings(mat["annotation_list"]) if "annotation_list" in mat else [
-                f.rsplit(".", 1)[0] for f in files
-            ]
+            annotations = (
+                _mat_strings(mat["annotation_list"])
+                if "annotation_list" in mat
+                else [f.rsplit(".", 1)[0] for f in files]
+            )
         except (OSError, ValueError, KeyError) as error:
             raise self.layout_error(f"cannot read {path} ({error!r})") from error
         samples = []
@@ -187,7 +203,9 @@ class StanfordDogsDataModule(ShardsFormat, ImageClassificationDataModule):
             held_out = OFFICIAL_CLASSES * self.val_per_class
             expected = {"train": OFFICIAL_TRAIN - held_out, "val": held_out or OFFICIAL_TEST, "test": OFFICIAL_TEST}
         return SplitSamples(
-            train=train, val=val, test=test,
+            train=train,
+            val=val,
+            test=test,
             class_names=[breed_name(name) for name in class_folders],
             expected_sizes=expected,
         )
@@ -195,4 +213,6 @@ class StanfordDogsDataModule(ShardsFormat, ImageClassificationDataModule):
     def make_dataset(self, samples: list[tuple[str, int]], transform: Callable) -> ImageSampleDataset:
         if not self.crop_to_bbox:
             return super().make_dataset(samples, transform)
-        return BoxCroppedDataset(samples, [self._annotations[path] for path, _ in samples], transform, self.skip_corrupt)
+        return BoxCroppedDataset(
+            samples, [self._annotations[path] for path, _ in samples], transform, self.skip_corrupt
+        )

@@ -40,7 +40,18 @@ log = logging.getLogger(__name__)
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 TRAIN_AUGMENT_KEYS = frozenset(
-    {"scale", "ratio", "hflip", "vflip", "color_jitter", "auto_augment", "interpolation", "re_prob", "re_mode", "re_count"}
+    {
+        "scale",
+        "ratio",
+        "hflip",
+        "vflip",
+        "color_jitter",
+        "auto_augment",
+        "interpolation",
+        "re_prob",
+        "re_mode",
+        "re_count",
+    }
 )
 _INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
@@ -87,7 +98,9 @@ def _colour_jitter_factors(color_jitter: Any) -> tuple[float, ...]:
     return (float(color_jitter),) * 3
 
 
-def _tensor_colour_step(augment: Mapping[str, Any], image_size: int, mean: tuple[float, ...]) -> tuple[Optional[Transform], str]:
+def _tensor_colour_step(
+    augment: Mapping[str, Any], image_size: int, mean: tuple[float, ...]
+) -> tuple[Optional[Transform], str]:
     """The auto-augment or colour-jitter step of the tensor pipeline, or (None, why the tensor ops cannot run it)."""
     interpolation = augment.get("interpolation", "bilinear")
     if interpolation not in _INTERPOLATIONS:
@@ -101,7 +114,10 @@ def _tensor_colour_step(augment: Mapping[str, Any], image_size: int, mean: tuple
             return None, str(error)
     factors = _colour_jitter_factors(augment.get("color_jitter") or 0.0)
     if len(factors) == 4 and factors[3]:
-        return None, f"color_jitter={list(factors)} jitters hue (the tensor pipeline has brightness, contrast, saturation)"
+        return (
+            None,
+            f"color_jitter={list(factors)} jitters hue (the tensor pipeline has brightness, contrast, saturation)",
+        )
     if not any(factors[:3]):
         return None, ""
     return ColorJitter(*factors[:3]), ""
@@ -140,11 +156,16 @@ def build_train_transform(
         log.info("data.train_augment: %s; running timm's PIL pipeline", fallback_reason)
         kwargs = {key: value for key, value in augment.items() if value is not None}
         kwargs.update(scale=scale, ratio=ratio)
-        return TimmPILTransform(create_transform(image_size, is_training=True, mean=mean, std=std, **kwargs), fallback_reason)
+        return TimmPILTransform(
+            create_transform(image_size, is_training=True, mean=mean, std=std, **kwargs), fallback_reason
+        )
     ops: list[Any] = [
         v2.RandomResizedCrop(
-            image_size, scale=scale, ratio=ratio,
-            interpolation=_interpolation(augment.get("interpolation", "bilinear")), antialias=True,
+            image_size,
+            scale=scale,
+            ratio=ratio,
+            interpolation=_interpolation(augment.get("interpolation", "bilinear")),
+            antialias=True,
         )
     ]
     if augment.get("hflip", 0.0) > 0:
@@ -156,7 +177,12 @@ def build_train_transform(
     ops += _to_normalized_float(mean, std)
     if augment.get("re_prob", 0.0) > 0:
         ops.append(
-            RandomErasing(augment["re_prob"], mode=augment.get("re_mode", "const"), max_count=augment.get("re_count", 1), device="cpu")
+            RandomErasing(
+                augment["re_prob"],
+                mode=augment.get("re_mode", "const"),
+                max_count=augment.get("re_count", 1),
+                device="cpu",
+            )
         )
     return v2.Compose(ops)
 

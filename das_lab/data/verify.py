@@ -88,14 +88,19 @@ def verify(
     """Summary rows and the problems found in a datamodule's dataset."""
     datamodule.prepare_data()
     datamodule.setup()
-    rows = [("layout", datamodule.layout, "", "ok"), ("classes", str(len(datamodule.class_names)), str(datamodule.num_classes), "ok")]
+    rows = [
+        ("layout", datamodule.layout, "", "ok"),
+        ("classes", str(len(datamodule.class_names)), str(datamodule.num_classes), "ok"),
+    ]
     problems: list[str] = []
     if isinstance(datamodule, ImageClassificationDataModule):  # one class per image: each class needs images
         empty_classes = sorted(set(range(datamodule.num_classes)) - set(datamodule.train_set.targets))
         if empty_classes:
             names = [datamodule.class_names[i] for i in empty_classes[:5]]
             problems.append(f"{len(empty_classes)} classes have no training image (e.g. {names})")
-        rows.append(("classes without train images", str(len(empty_classes)), "0", "PROBLEM" if empty_classes else "ok"))
+        rows.append(
+            ("classes without train images", str(len(empty_classes)), "0", "PROBLEM" if empty_classes else "ok")
+        )
     checked: dict[int, str] = {}
     for split in ("train", "val", "test"):
         dataset = getattr(datamodule, f"{split}_set")
@@ -128,7 +133,10 @@ def main(argv: list[str]) -> int:
     try:
         datamodule = instantiate(cfg.data)
         if not isinstance(datamodule, (ImageClassificationDataModule, ADE20KDataModule)):
-            print(f"data verify: {cfg.data._target_} is not an image-folder dataset; choose data=stanford_dogs, imagenet or ade20k", file=sys.stderr)
+            print(
+                f"data verify: {cfg.data._target_} is not an image-folder dataset; choose data=stanford_dogs, imagenet or ade20k",
+                file=sys.stderr,
+            )
             return 1
         rows, problems = verify(datamodule, args.max_images)
     except (FileNotFoundError, ValueError, CorruptImageError, InstantiationException) as error:

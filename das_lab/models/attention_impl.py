@@ -26,7 +26,9 @@ ATTN_IMPLS = ("auto", "reference", "fused")
 def check_attn_impl(value: str) -> str:
     """``value`` if it names a kernel choice, else an error naming the choices (config typos fail at build time)."""
     if value not in ATTN_IMPLS:
-        raise ValueError(f"model.attn_impl={value!r} is not one of {list(ATTN_IMPLS)}; pick one, e.g. model.attn_impl=auto")
+        raise ValueError(
+            f"model.attn_impl={value!r} is not one of {list(ATTN_IMPLS)}; pick one, e.g. model.attn_impl=auto"
+        )
     return value
 
 

@@ -19,8 +19,8 @@ import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 from timm.models import build_model_with_cfg, get_pretrained_cfg
-from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models._builder import pretrained_cfg_for_features
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import Tensor, nn
 
 from das_lab.config import config_dir

@@ -116,7 +116,9 @@ class DASGate(nn.Module):
         self.record_maps = False
         self.last_maps: Optional[GateMaps] = None
 
-        self.dw = nn.Conv2d(channels, channels, dw_kernel_size, padding=dw_kernel_size // 2, groups=channels, bias=False)
+        self.dw = nn.Conv2d(
+            channels, channels, dw_kernel_size, padding=dw_kernel_size // 2, groups=channels, bias=False
+        )
         self.pw = nn.Conv2d(channels, hidden, 1, bias=False)
         self.norm1 = norm_layer(hidden)
         self.act = act_layer()
@@ -148,7 +150,9 @@ class DASGate(nn.Module):
 
     @torch.jit.unused
     def _record(self, gate: Tensor, offsets: Tensor, mask: Optional[Tensor]) -> None:
-        self.last_maps = GateMaps(gate=gate.detach(), offsets=offsets.detach(), mask=None if mask is None else mask.detach())
+        self.last_maps = GateMaps(
+            gate=gate.detach(), offsets=offsets.detach(), mask=None if mask is None else mask.detach()
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """Gate ``x`` by its deformably sampled attention map."""

@@ -60,18 +60,20 @@ class DASMobileNetV2(FeatureLevels, MobileNetV2):
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.reset_classifier(num_classes)
         self.stage_gates = nn.ModuleDict({s: nn.Identity() for s in STAGES})
-        self.stage_gates.update(stage_end_gates(
-            widths[1:],
-            gate_stages,
-            offset_groups,
-            reduction=reduction,
-            dw_kernel_size=dw_kernel_size,
-            deform_kernel_size=deform_kernel_size,
-            modulated=modulated,
-            norm=norm,
-            act=act,
-            gate_mode=gate_mode,
-        ))
+        self.stage_gates.update(
+            stage_end_gates(
+                widths[1:],
+                gate_stages,
+                offset_groups,
+                reduction=reduction,
+                dw_kernel_size=dw_kernel_size,
+                deform_kernel_size=deform_kernel_size,
+                modulated=modulated,
+                norm=norm,
+                act=act,
+                gate_mode=gate_mode,
+            )
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -137,21 +139,36 @@ def checkpoint_filter_fn(state: StateDict, model: DASMobileNetV2) -> StateDict:
     return fill_fresh(state, model)
 
 
-default_cfgs = generate_default_cfgs({
-    "das_mobilenet_v2.tv_in1k": dict(
-        url="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth", num_classes=1000,
-        input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bilinear",
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="features.0.0", classifier="classifier.1",
-        license="bsd-3-clause", paper_ids="arXiv:2311.12091",
-        notes=("torchvision ImageNet-1k weights of the plain MobileNetV2; DAS gates start fresh",),
-    ),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "das_mobilenet_v2.tv_in1k": dict(
+            url="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+            num_classes=1000,
+            input_size=(3, 224, 224),
+            pool_size=(7, 7),
+            crop_pct=0.875,
+            interpolation="bilinear",
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+            first_conv="features.0.0",
+            classifier="classifier.1",
+            license="bsd-3-clause",
+            paper_ids="arXiv:2311.12091",
+            notes=("torchvision ImageNet-1k weights of the plain MobileNetV2; DAS gates start fresh",),
+        ),
+    }
+)
 
 
 @register_model
 def das_mobilenet_v2(pretrained: bool = False, **kwargs: Any) -> DASMobileNetV2:
     """DAS-MobileNetV2 (gates after stages 2 and 3) with the arguments of conf/model/das_mobilenet_v2.yaml."""
     return create_variant(
-        DASMobileNetV2, "das_mobilenet_v2", "das_mobilenet_v2", pretrained, kwargs, checkpoint_filter_fn,
+        DASMobileNetV2,
+        "das_mobilenet_v2",
+        "das_mobilenet_v2",
+        pretrained,
+        kwargs,
+        checkpoint_filter_fn,
         lambda m: (0, 1, 2, 3, 4),
     )

@@ -215,20 +215,27 @@ VARIANTS: tuple[tuple[str, str, Optional[str]], ...] = (
 def _cfg(depth: Optional[str], tiny: bool) -> dict[str, Any]:
     size = 64 if tiny else 224
     cfg: dict[str, Any] = dict(
-        num_classes=1000, input_size=(3, size, size), pool_size=(size // 32, size // 32), crop_pct=0.875,
-        interpolation="bilinear", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="conv1",
-        classifier="fc", license="mit", paper_ids="arXiv:2311.12091", paper_name="DAS: A Deformable Attention to "
-        "Capture Salient Information in CNNs",
+        num_classes=1000,
+        input_size=(3, size, size),
+        pool_size=(size // 32, size // 32),
+        crop_pct=0.875,
+        interpolation="bilinear",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        first_conv="conv1",
+        classifier="fc",
+        license="mit",
+        paper_ids="arXiv:2311.12091",
+        paper_name="DAS: A Deformable Attention to Capture Salient Information in CNNs",
     )
     if depth is not None:
         cfg.update(hf_hub_id=f"timm/resnet{depth}.tv_in1k", license="bsd-3-clause", notes=(_TV.format(depth),))
     return cfg
 
 
-default_cfgs = generate_default_cfgs({
-    (f"{name}.tv_in1k" if depth else name): _cfg(depth, "tiny" in name)
-    for name, _, depth in VARIANTS
-})
+default_cfgs = generate_default_cfgs(
+    {(f"{name}.tv_in1k" if depth else name): _cfg(depth, "tiny" in name) for name, _, depth in VARIANTS}
+)
 
 
 def _register(name: str, config: str) -> None:

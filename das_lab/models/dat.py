@@ -131,9 +131,22 @@ class DeformableAttention(nn.Module):
     """Deformable multi-head attention ('D' block): keys/values sampled at learned offsets of a reference grid."""
 
     def __init__(
-        self, fmap_size: tuple[int, int], n_heads: int, n_head_channels: int, n_groups: int, attn_drop: float,
-        proj_drop: float, stride: int, offset_range_factor: float, use_pe: bool, dwc_pe: bool, no_off: bool,
-        fixed_pe: bool, ksize: int, log_cpb: bool, attn_impl: str = "auto",
+        self,
+        fmap_size: tuple[int, int],
+        n_heads: int,
+        n_head_channels: int,
+        n_groups: int,
+        attn_drop: float,
+        proj_drop: float,
+        stride: int,
+        offset_range_factor: float,
+        use_pe: bool,
+        dwc_pe: bool,
+        no_off: bool,
+        fixed_pe: bool,
+        ksize: int,
+        log_cpb: bool,
+        attn_impl: str = "auto",
     ) -> None:
         super().__init__()
         self.attn_impl = check_attn_impl(attn_impl)
@@ -145,7 +158,7 @@ class DeformableAttention(nn.Module):
             )
         self.n_group_channels = self.nc // n_groups
         self.n_group_heads = n_heads // n_groups
-        self.scale = n_head_channels ** -0.5
+        self.scale = n_head_channels**-0.5
         self.q_h, self.q_w = fmap_size
         self.kv_h, self.kv_w = self.q_h // stride, self.q_w // stride
         self.stride, self.ksize = stride, ksize
@@ -176,7 +189,8 @@ class DeformableAttention(nn.Module):
         if self.log_cpb:
             return nn.Sequential(nn.Linear(2, 32), nn.ReLU(inplace=True), nn.Linear(32, self.n_group_heads, bias=False))
         shape = (
-            (self.n_heads, self.q_h * self.q_w, self.kv_h * self.kv_w) if self.fixed_pe
+            (self.n_heads, self.q_h * self.q_w, self.kv_h * self.kv_w)
+            if self.fixed_pe
             else (self.n_heads, 2 * self.q_h - 1, 2 * self.q_w - 1)
         )
         table = nn.Parameter(torch.zeros(shape))
@@ -190,13 +204,18 @@ class DeformableAttention(nn.Module):
         hk, wk = offset.shape[2:]
         dtype, device = q.dtype, q.device
         reference = _grid(
-            torch.arange(0.5, hk, dtype=dtype, device=device), torch.arange(0.5, wk, dtype=dtype, device=device),
-            hk, wk, batch * self.n_groups,
+            torch.arange(0.5, hk, dtype=dtype, device=device),
+            torch.arange(0.5, wk, dtype=dtype, device=device),
+            hk,
+            wk,
+            batch * self.n_groups,
         )
         if self.no_off:
             return reference, reference
         if self.offset_range_factor >= 0:
-            offset_range = torch.tensor([1.0 / max(hk - 1.0, 1.0), 1.0 / max(wk - 1.0, 1.0)], dtype=dtype, device=device)
+            offset_range = torch.tensor(
+                [1.0 / max(hk - 1.0, 1.0), 1.0 / max(wk - 1.0, 1.0)], dtype=dtype, device=device
+            )
             offset = offset.tanh() * offset_range.view(1, 2, 1, 1) * self.offset_range_factor
             return offset.permute(0, 2, 3, 1) + reference, reference
         return (offset.permute(0, 2, 3, 1) + reference).clamp(-1.0, 1.0), reference
@@ -222,10 +241,15 @@ class DeformableAttention(nn.Module):
                     f"fixed_pes table was built for a {self.q_h}x{self.q_w} map (model.img_size) but the map is "
                     f"{height}x{width}; feed img_size inputs or set model.fixed_pes false for this stage"
                 )
-            return self.rpe_table[None].expand(batch, -1, -1, -1).reshape(batch * self.n_heads, height * width, n_sample)
+            return (
+                self.rpe_table[None].expand(batch, -1, -1, -1).reshape(batch * self.n_heads, height * width, n_sample)
+            )
         q_grid = _grid(
-            torch.arange(height, dtype=dtype, device=pos.device), torch.arange(width, dtype=dtype, device=pos.device),
-            height, width, bg,
+            torch.arange(height, dtype=dtype, device=pos.device),
+            torch.arange(width, dtype=dtype, device=pos.device),
+            height,
+            width,
+            bg,
         )
         displacement = q_grid.reshape(bg, height * width, 1, 2) - pos.reshape(bg, 1, n_sample, 2)
         if self.log_cpb:
@@ -233,7 +257,9 @@ class DeformableAttention(nn.Module):
             displacement = torch.sign(displacement) * torch.log2(displacement.abs() + 1.0) / math.log2(8.0)
             bias = self.rpe_table(displacement)
             return bias.permute(0, 3, 1, 2).reshape(batch * self.n_heads, height * width, n_sample)
-        table = self.rpe_table[None].expand(batch, -1, -1, -1).reshape(bg, self.n_group_heads, *self.rpe_table.shape[1:])
+        table = (
+            self.rpe_table[None].expand(batch, -1, -1, -1).reshape(bg, self.n_group_heads, *self.rpe_table.shape[1:])
+        )
         bias = F.grid_sample(table, (displacement * 0.5).flip(-1), mode="bilinear", align_corners=True)
         return bias.reshape(batch * self.n_heads, height * width, n_sample)
 
@@ -250,7 +276,9 @@ class DeformableAttention(nn.Module):
         heads, channels = self.n_heads, self.n_head_channels
         batch = q.shape[0] // heads
         q, k, v = (t.view(batch, heads, channels, -1).transpose(2, 3) for t in (q, k, v))
-        mask = None if bias is None else bias.view(batch, heads, *bias.shape[1:]).to(q.dtype)  # SDPA: mask dtype = query's
+        mask = (
+            None if bias is None else bias.view(batch, heads, *bias.shape[1:]).to(q.dtype)
+        )  # SDPA: mask dtype = query's
         dropout = self.attn_drop.p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
         return out.transpose(2, 3).reshape(batch * heads, channels, -1)
@@ -283,10 +311,30 @@ class DATStage(nn.Module):
     """One resolution of DAT++: a sequence of N/D blocks; attribute names are the official TransformerStage's."""
 
     def __init__(
-        self, fmap_size: tuple[int, int], dim_in: int, dim: int, stage_spec: Sequence[str], heads: int, groups: int,
-        stride: int, offset_range_factor: float, use_pe: bool, dwc_pe: bool, no_off: bool, fixed_pe: bool,
-        log_cpb: bool, ksize: int, nat_ksize: int, use_dwc_mlp: bool, use_lpu: bool, layer_scale_value: float,
-        expansion: int, drop: float, attn_drop: float, drop_path: Sequence[float], attn_impl: str,
+        self,
+        fmap_size: tuple[int, int],
+        dim_in: int,
+        dim: int,
+        stage_spec: Sequence[str],
+        heads: int,
+        groups: int,
+        stride: int,
+        offset_range_factor: float,
+        use_pe: bool,
+        dwc_pe: bool,
+        no_off: bool,
+        fixed_pe: bool,
+        log_cpb: bool,
+        ksize: int,
+        nat_ksize: int,
+        use_dwc_mlp: bool,
+        use_lpu: bool,
+        layer_scale_value: float,
+        expansion: int,
+        drop: float,
+        attn_drop: float,
+        drop_path: Sequence[float],
+        attn_impl: str,
     ) -> None:
         super().__init__()
         depth = len(stage_spec)
@@ -307,10 +355,25 @@ class DATStage(nn.Module):
             if kind == "N":
                 self.attns.append(NeighborhoodAttention2D(dim, nat_ksize, heads, attn_drop, drop, attn_impl))
             else:
-                self.attns.append(DeformableAttention(
-                    fmap_size, heads, dim // heads, groups, attn_drop, drop, stride, offset_range_factor,
-                    use_pe, dwc_pe, no_off, fixed_pe, ksize, log_cpb, attn_impl,
-                ))
+                self.attns.append(
+                    DeformableAttention(
+                        fmap_size,
+                        heads,
+                        dim // heads,
+                        groups,
+                        attn_drop,
+                        drop,
+                        stride,
+                        offset_range_factor,
+                        use_pe,
+                        dwc_pe,
+                        no_off,
+                        fixed_pe,
+                        ksize,
+                        log_cpb,
+                        attn_impl,
+                    )
+                )
         self.drop_path = nn.ModuleList(DropPath(p) if p > 0 else nn.Identity() for p in drop_path)
 
         self.grad_checkpointing = False
@@ -349,7 +412,9 @@ def _per_stage(name: str, values: Sequence[Any]) -> list[Any]:
     """Check a per-stage list has four entries and return it as a plain list."""
     values = list(values)
     if len(values) != 4:
-        raise ValueError(f"model.{name} has {len(values)} entries; DAT++ needs one per stage (4), e.g. {name}=[a,b,c,d]")
+        raise ValueError(
+            f"model.{name} has {len(values)} entries; DAT++ needs one per stage (4), e.g. {name}=[a,b,c,d]"
+        )
     return values
 
 
@@ -402,53 +467,95 @@ class DAT(FeatureLevels, nn.Module):
         dims, depths, heads = _per_stage("dims", dims), _per_stage("depths", depths), _per_stage("heads", heads)
         stage_spec = [[str(kind) for kind in spec] for spec in _per_stage("stage_spec", stage_spec)]
         per_stage = {
-            name: _per_stage(name, value) for name, value in dict(
-                groups=groups, strides=strides, offset_range_factor=offset_range_factor, use_pes=use_pes,
-                dwc_pes=dwc_pes, fixed_pes=fixed_pes, no_offs=no_offs, log_cpb=log_cpb, ksizes=ksizes,
-                nat_ksizes=nat_ksizes, use_dwc_mlps=use_dwc_mlps, use_lpus=use_lpus,
+            name: _per_stage(name, value)
+            for name, value in dict(
+                groups=groups,
+                strides=strides,
+                offset_range_factor=offset_range_factor,
+                use_pes=use_pes,
+                dwc_pes=dwc_pes,
+                fixed_pes=fixed_pes,
+                no_offs=no_offs,
+                log_cpb=log_cpb,
+                ksizes=ksizes,
+                nat_ksizes=nat_ksizes,
+                use_dwc_mlps=use_dwc_mlps,
+                use_lpus=use_lpus,
                 layer_scale_values=layer_scale_values,
             ).items()
         }
         for i, spec in enumerate(stage_spec):
             if len(spec) != depths[i]:
-                raise ValueError(f"model.stage_spec[{i}] has {len(spec)} blocks but model.depths[{i}]={depths[i]}; make them equal")
+                raise ValueError(
+                    f"model.stage_spec[{i}] has {len(spec)} blocks but model.depths[{i}]={depths[i]}; make them equal"
+                )
             bad = sorted(set(spec) - set(BLOCK_TYPES))
             if bad:
-                raise ValueError(f"model.stage_spec[{i}] has unknown block types {bad}; DAT++ blocks are {list(BLOCK_TYPES)}")
+                raise ValueError(
+                    f"model.stage_spec[{i}] has unknown block types {bad}; DAT++ blocks are {list(BLOCK_TYPES)}"
+                )
             if dims[i] % heads[i]:
-                raise ValueError(f"model.heads[{i}]={heads[i]} does not divide model.dims[{i}]={dims[i]}; choose a divisor")
+                raise ValueError(
+                    f"model.heads[{i}]={heads[i]} does not divide model.dims[{i}]={dims[i]}; choose a divisor"
+                )
         if img_size % (patch_size * 8):
             raise ValueError(f"model.img_size={img_size} must be a multiple of {patch_size * 8} (patch_size x 8)")
 
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = dims[-1]
         self.drop_rate = drop_rate
-        self.feature_info = [
-            dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f"stages.{i}") for i in range(4)
-        ]
+        self.feature_info = [dict(num_chs=dims[i], reduction=patch_size * 2**i, module=f"stages.{i}") for i in range(4)]
         if use_conv_patches:
             self.patch_proj = nn.Sequential(
-                nn.Conv2d(in_chans, dim_stem // 2, 3, patch_size // 2, 1), ChannelLayerNorm(dim_stem // 2), nn.GELU(),
-                nn.Conv2d(dim_stem // 2, dim_stem, 3, patch_size // 2, 1), ChannelLayerNorm(dim_stem),
+                nn.Conv2d(in_chans, dim_stem // 2, 3, patch_size // 2, 1),
+                ChannelLayerNorm(dim_stem // 2),
+                nn.GELU(),
+                nn.Conv2d(dim_stem // 2, dim_stem, 3, patch_size // 2, 1),
+                ChannelLayerNorm(dim_stem),
             )
         else:
-            self.patch_proj = nn.Sequential(nn.Conv2d(in_chans, dim_stem, patch_size, patch_size), ChannelLayerNorm(dim_stem))
+            self.patch_proj = nn.Sequential(
+                nn.Conv2d(in_chans, dim_stem, patch_size, patch_size), ChannelLayerNorm(dim_stem)
+            )
 
         drop_path = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         fmap = img_size // patch_size
         for i in range(4):
             s = {name: value[i] for name, value in per_stage.items()}
-            self.stages.append(DATStage(
-                (fmap, fmap), dim_stem if i == 0 else dims[i], dims[i], stage_spec[i], heads[i], s["groups"],
-                s["strides"], s["offset_range_factor"], s["use_pes"], s["dwc_pes"], s["no_offs"], s["fixed_pes"],
-                s["log_cpb"], s["ksizes"], s["nat_ksizes"], s["use_dwc_mlps"], s["use_lpus"], s["layer_scale_values"],
-                expansion, drop_rate, attn_drop_rate, drop_path[sum(depths[:i]):sum(depths[:i + 1])], attn_impl,
-            ))
+            self.stages.append(
+                DATStage(
+                    (fmap, fmap),
+                    dim_stem if i == 0 else dims[i],
+                    dims[i],
+                    stage_spec[i],
+                    heads[i],
+                    s["groups"],
+                    s["strides"],
+                    s["offset_range_factor"],
+                    s["use_pes"],
+                    s["dwc_pes"],
+                    s["no_offs"],
+                    s["fixed_pes"],
+                    s["log_cpb"],
+                    s["ksizes"],
+                    s["nat_ksizes"],
+                    s["use_dwc_mlps"],
+                    s["use_lpus"],
+                    s["layer_scale_values"],
+                    expansion,
+                    drop_rate,
+                    attn_drop_rate,
+                    drop_path[sum(depths[:i]) : sum(depths[: i + 1])],
+                    attn_impl,
+                )
+            )
             fmap //= 2
         kernel, padding = (3, 1) if use_conv_patches else (2, 0)
         self.down_projs = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], kernel, 2, padding, bias=False), ChannelLayerNorm(dims[i + 1]))
+            nn.Sequential(
+                nn.Conv2d(dims[i], dims[i + 1], kernel, 2, padding, bias=False), ChannelLayerNorm(dims[i + 1])
+            )
             for i in range(3)
         )
         self.norms = nn.ModuleList(ChannelLayerNorm(d) for d in dims) if out_norms else None
@@ -554,29 +661,47 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: DAT) -> dict[str,
     adapted = adapt_state_dict(state_dict, model)
     for key, value in model.state_dict().items():
         if key.startswith("cls_head.") and (key not in adapted or adapted[key].shape != value.shape):
-            log.warning("checkpoint head %s does not fit a %d-class model: keeping a fresh head", key, model.num_classes)
+            log.warning(
+                "checkpoint head %s does not fit a %d-class model: keeping a fresh head", key, model.num_classes
+            )
             adapted[key] = value
     return fill_fresh(adapted, model)
 
 
 _OFFICIAL = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
 _CFG: dict[str, Any] = dict(
-    num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, interpolation="bicubic",
-    mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="patch_proj.0", classifier="cls_head",
-    license="apache-2.0", paper_ids="arXiv:2309.01430",
+    num_classes=1000,
+    input_size=(3, 224, 224),
+    pool_size=(7, 7),
+    crop_pct=0.9,
+    interpolation="bicubic",
+    mean=IMAGENET_DEFAULT_MEAN,
+    std=IMAGENET_DEFAULT_STD,
+    first_conv="patch_proj.0",
+    classifier="cls_head",
+    license="apache-2.0",
+    paper_ids="arXiv:2309.01430",
     paper_name="DAT++: Spatially Dynamic Vision Transformer with Deformable Attention",
     origin_url="https://github.com/LeapLabTHU/DAT",
 )
-default_cfgs = generate_default_cfgs({
-    "dat_tiny.in1k": dict(_CFG, url=_OFFICIAL.format("14c5ddae10b642e68089"), notes=("dat_pp_tiny_in1k_224.pth",)),
-    "dat_small.in1k": dict(_CFG, url=_OFFICIAL.format("4c2a76360c964fbd81d5"), notes=("dat_pp_small_in1k_224.pth",)),
-    "dat_base.in1k": dict(_CFG, url=_OFFICIAL.format("8e30492404d348d89f25"), notes=("dat_pp_base_in1k_224.pth",)),
-    "dat_base.in1k_384": dict(
-        _CFG, url=_OFFICIAL.format("032dc804cdf44bf18bb5"), input_size=(3, 384, 384), pool_size=(12, 12),
-        crop_pct=1.0, notes=("dat_pp_base_in1k_384.pth; build with img_size=384",),
-    ),
-    "dat_nano": dict(_CFG, input_size=(3, 64, 64), pool_size=(2, 2)),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "dat_tiny.in1k": dict(_CFG, url=_OFFICIAL.format("14c5ddae10b642e68089"), notes=("dat_pp_tiny_in1k_224.pth",)),
+        "dat_small.in1k": dict(
+            _CFG, url=_OFFICIAL.format("4c2a76360c964fbd81d5"), notes=("dat_pp_small_in1k_224.pth",)
+        ),
+        "dat_base.in1k": dict(_CFG, url=_OFFICIAL.format("8e30492404d348d89f25"), notes=("dat_pp_base_in1k_224.pth",)),
+        "dat_base.in1k_384": dict(
+            _CFG,
+            url=_OFFICIAL.format("032dc804cdf44bf18bb5"),
+            input_size=(3, 384, 384),
+            pool_size=(12, 12),
+            crop_pct=1.0,
+            notes=("dat_pp_base_in1k_384.pth; build with img_size=384",),
+        ),
+        "dat_nano": dict(_CFG, input_size=(3, 64, 64), pool_size=(2, 2)),
+    }
+)
 
 
 def _create(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> DAT:

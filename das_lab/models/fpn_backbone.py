@@ -136,7 +136,9 @@ class FPNBackbone(nn.Module):
         self.net = net
         self.returned_stages = tuple(returned_stages)
         self.out_channels = out_channels
-        extra: ExtraFPNBlock = LastLevelMaxPool() if extra_block == "maxpool" else LastLevelP6P7(out_channels, out_channels)
+        extra: ExtraFPNBlock = (
+            LastLevelMaxPool() if extra_block == "maxpool" else LastLevelP6P7(out_channels, out_channels)
+        )
         self.fpn = FeaturePyramidNetwork(
             [stage_channels(net)[s - 1] for s in self.returned_stages], out_channels, extra_blocks=extra
         )

@@ -132,17 +132,25 @@ def na2d_flex(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel_size: 
     score_mod = None if rpb is None else rpb_score_mod(rpb, width, kernel_size)
     if torch.compiler.is_compiling():  # inside a compiled model (task.compile): traced into its graph, no caches
         attend = flex_attention
-        block_mask = create_block_mask(window_mask_mod(height, width, kernel_size), None, None, height * width,
-                                       height * width, device=q.device)
+        block_mask = create_block_mask(
+            window_mask_mod(height, width, kernel_size), None, None, height * width, height * width, device=q.device
+        )
     else:
         attend, block_mask = compiled_flex(q.device.type), window_block_mask(height, width, kernel_size, q.device)
-    out = attend(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), score_mod=score_mod, block_mask=block_mask, scale=1.0)
+    out = attend(
+        q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), score_mod=score_mod, block_mask=block_mask, scale=1.0
+    )
     return out.unflatten(2, (height, width))
 
 
 def neighborhood_attention(
-    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel_size: int,
-    attn_drop: Callable[[Tensor], Tensor] | None = None, fused: bool = False,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpb: Tensor | None,
+    kernel_size: int,
+    attn_drop: Callable[[Tensor], Tensor] | None = None,
+    fused: bool = False,
 ) -> Tensor:
     """Neighborhood attention of pre-scaled ``q`` over ``k``/``v`` (all (B, heads, H, W, D)).
 
@@ -161,7 +169,12 @@ class NeighborhoodAttention2D(nn.Module):
     """DAT++'s 'N' block attention on (B, C, H, W) maps; parameter names match the official code."""
 
     def __init__(
-        self, dim: int, kernel_size: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
+        self,
+        dim: int,
+        kernel_size: int,
+        num_heads: int,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
         attn_impl: str = "auto",
     ) -> None:
         super().__init__()
@@ -172,7 +185,7 @@ class NeighborhoodAttention2D(nn.Module):
             raise ValueError(f"{dim} channels do not split into {num_heads} heads; choose heads dividing the width")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.kernel_size = kernel_size
         self.qkv = nn.Linear(dim, dim * 3)
         self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
@@ -193,5 +206,14 @@ class NeighborhoodAttention2D(nn.Module):
         return self.proj_drop(self.proj(out)).permute(0, 3, 1, 2)
 
 
-__all__ = ["NeighborhoodAttention2D", "neighborhood_attention", "neighborhood_indices", "na2d_logits_torch",
-           "na2d_aggregate_torch", "na2d_flex", "rpb_score_mod", "window_block_mask", "window_mask_mod"]
+__all__ = [
+    "NeighborhoodAttention2D",
+    "neighborhood_attention",
+    "neighborhood_indices",
+    "na2d_logits_torch",
+    "na2d_aggregate_torch",
+    "na2d_flex",
+    "rpb_score_mod",
+    "window_block_mask",
+    "window_mask_mod",
+]

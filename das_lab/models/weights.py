@@ -103,7 +103,7 @@ def _short(keys: Sequence[str], limit: int = 8) -> str:
 def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     for prefix in _PREFIXES:
         if any(key.startswith(prefix) for key in state):
-            state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+            state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     return dict(state)
 
 
@@ -132,8 +132,10 @@ def read_torch_file(path: Union[str, Path], subject: str, hint: str) -> object:
 def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
     """The network's tensors from any accepted weights file, with wrapper prefixes removed."""
     obj = read_torch_file(
-        path, "weights file", "check model.checkpoint / init_from; a file you trust can be re-saved as weights "
-        "only: torch.save(model.state_dict(), path)"
+        path,
+        "weights file",
+        "check model.checkpoint / init_from; a file you trust can be re-saved as weights "
+        "only: torch.save(model.state_dict(), path)",
     )
     return unwrap_state_dict(obj, str(path))
 
@@ -162,7 +164,8 @@ def fill_fresh(state: Mapping[str, Tensor], model: nn.Module) -> StateDict:
     state = unwrap_state_dict(dict(state))
     prefixes = fresh_modules(model)
     fresh = {
-        key: value for key, value in model.state_dict().items()
+        key: value
+        for key, value in model.state_dict().items()
         if key not in state and any(key == p or key.startswith(p + ".") for p in prefixes)
     }
     if fresh:

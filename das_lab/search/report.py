@@ -36,14 +36,29 @@ def trials_table(study: Any, objective: Optional[MetricSpec] = None) -> tuple[li
     trials = study.get_trials(deepcopy=False)
     names = list(dict.fromkeys(name for t in trials for name in t.params))
     show = _value_format(objective)
-    header = ["trial", "state", objective.label("value") if objective else "value", *names, "retry of", "worker",
-              "time (s)"]
+    header = [
+        "trial",
+        "state",
+        objective.label("value") if objective else "value",
+        *names,
+        "retry of",
+        "worker",
+        "time (s)",
+    ]
     rows = []
     for t in trials:
         duration = t.duration.total_seconds() if t.duration is not None else None
-        rows.append([str(t.number), t.state.name, show(t.value), *(_fmt(t.params.get(n)) for n in names),
-                     _fmt(t.system_attrs.get("failed_trial")), _fmt(t.system_attrs.get(WORKER_KEY)),
-                     _fmt(duration)])
+        rows.append(
+            [
+                str(t.number),
+                t.state.name,
+                show(t.value),
+                *(_fmt(t.params.get(n)) for n in names),
+                _fmt(t.system_attrs.get("failed_trial")),
+                _fmt(t.system_attrs.get(WORKER_KEY)),
+                _fmt(duration),
+            ]
+        )
     return header, rows
 
 
@@ -72,8 +87,10 @@ def write_plots(study: Any, out_dir: Path) -> tuple[list[Path], list[str]]:
         return written, ["No completed trial yet: no optimisation history, no parameter importances."]
     written.append(_save(plots.plot_optimization_history(study), out_dir / HISTORY_PNG))
     if len(completed) < MIN_TRIALS_FOR_IMPORTANCE:
-        notes.append(f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials "
-                     f"(this study has {len(completed)}).")
+        notes.append(
+            f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials "
+            f"(this study has {len(completed)})."
+        )
         return written, notes
     try:
         written.append(_save(plots.plot_param_importances(study), out_dir / IMPORTANCE_PNG))
@@ -97,8 +114,13 @@ def search_section(
     objective = location.get("objective") or "objective"
     spec = (declared or {}).get(objective)
     header, rows = trials_table(study, spec)
-    lines = ["", f"## Search `{location['study_name']}` ({location['direction']} {objective})", "",
-             markdown_table(header, rows), ""]
+    lines = [
+        "",
+        f"## Search `{location['study_name']}` ({location['direction']} {objective})",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if completed:
         best = study.best_trial

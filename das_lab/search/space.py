@@ -11,8 +11,10 @@ from hydra.errors import HydraException
 
 from das_lab.search import SearchConfigError, import_optuna
 
-SYNTAX = ("interval(LOW, HIGH), tag(log, interval(LOW, HIGH)), range(START, STOP[, STEP]), choice(A, B, ...) "
-          "or a list A,B,...")
+SYNTAX = (
+    "interval(LOW, HIGH), tag(log, interval(LOW, HIGH)), range(START, STOP[, STEP]), choice(A, B, ...) "
+    "or a list A,B,..."
+)
 
 
 @dataclass
@@ -61,8 +63,10 @@ def _interval(override: Override, line: str) -> Any:
     sweep = override.value()
     unknown = sweep.tags - {"log"}
     if unknown:
-        raise SearchConfigError(f"{_where(line)}: unknown tag {', '.join(sorted(unknown))}; the only tag is log, "
-                                f"as in tag(log, interval(1e-4, 1e-2))")
+        raise SearchConfigError(
+            f"{_where(line)}: unknown tag {', '.join(sorted(unknown))}; the only tag is log, "
+            f"as in tag(log, interval(1e-4, 1e-2))"
+        )
     log = "log" in sweep.tags
     if log and sweep.start <= 0:
         raise SearchConfigError(f"{_where(line)}: tag(log, ...) needs a positive lower bound, got {sweep.start}")
@@ -95,8 +99,9 @@ def parse_space(params: Mapping[str, Any], arguments: Sequence[str]) -> SearchSp
         elif isinstance(sweep, IntervalSweep):
             distribution = _interval(override, line)
         else:
-            raise SearchConfigError(f"{_where(line)}: {type(sweep).__name__} is not a search distribution; "
-                                    f"expected {SYNTAX}")
+            raise SearchConfigError(
+                f"{_where(line)}: {type(sweep).__name__} is not a search distribution; expected {SYNTAX}"
+            )
         if sweep.tags and not isinstance(sweep, IntervalSweep):
             raise SearchConfigError(f"{_where(line)}: tag(log, ...) applies to interval(LOW, HIGH) only")
         name = override.key_or_group

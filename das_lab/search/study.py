@@ -71,8 +71,9 @@ def open_study(storage: Any, study_name: str, direction: str, sampler: Any, wher
     """Create the study, or continue the one of that name, which must optimise in the same direction."""
     optuna = import_optuna()
     wanted = study_direction(direction)
-    study = optuna.create_study(storage=storage, study_name=study_name, direction=wanted, sampler=sampler,
-                                load_if_exists=True)
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, direction=wanted, sampler=sampler, load_if_exists=True
+    )
     existing = [d.name.lower() for d in study.directions]
     if existing != [wanted]:
         raise SearchConfigError(
@@ -160,8 +161,11 @@ def fail_stale_trials(study: Any, storage: Any, grace_period: float, max_retry: 
     """FAIL (and retry) the running trials of workers that stopped beating ``grace_period`` seconds ago."""
     optuna = import_optuna()
     now = time.time()
-    stale = [t._trial_id for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-             if now - _last_alive(t) > grace_period]
+    stale = [
+        t._trial_id
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if now - _last_alive(t) > grace_period
+    ]
     return fail_and_retry(study, storage, stale, max_retry)
 
 
@@ -171,8 +175,12 @@ def finish_trial(study: Any, trial: Any, value: Optional[float]) -> str:
     state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
     told = study.tell(trial, value, state=state, skip_if_finished=True)
     if told.state != state:
-        log.warning("trial %d was marked %s by another worker (no heartbeat) before it ended; its result stays in "
-                    "its job folder only", trial.number, told.state.name)
+        log.warning(
+            "trial %d was marked %s by another worker (no heartbeat) before it ended; its result stays in "
+            "its job folder only",
+            trial.number,
+            told.state.name,
+        )
     return told.state.name
 
 
@@ -182,8 +190,15 @@ def save_location(sweep_dir: Path, study_name: str, storage: str, objective: Opt
 
     if not is_url(storage):
         path = Path(storage).expanduser().absolute()
-        storage = str(path.relative_to(sweep_dir.absolute())) if path.is_relative_to(sweep_dir.absolute()) else str(path)
-    record = {"study_name": study_name, "storage": storage, "objective": objective, "direction": study_direction(direction)}
+        storage = (
+            str(path.relative_to(sweep_dir.absolute())) if path.is_relative_to(sweep_dir.absolute()) else str(path)
+        )
+    record = {
+        "study_name": study_name,
+        "storage": storage,
+        "objective": objective,
+        "direction": study_direction(direction),
+    }
     (sweep_dir / SEARCH_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
 
 

@@ -44,8 +44,10 @@ class MetricSpec:
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS or self.unit not in UNITS:
-            raise ValueError(f"MetricSpec {self.name!r}: direction={self.direction!r} (expected one of {DIRECTIONS}), "
-                             f"unit={self.unit!r} (expected one of {UNITS})")
+            raise ValueError(
+                f"MetricSpec {self.name!r}: direction={self.direction!r} (expected one of {DIRECTIONS}), "
+                f"unit={self.unit!r} (expected one of {UNITS})"
+            )
 
     def key(self, stage: str) -> str:
         """The logged name, e.g. ``val/miou``."""
@@ -112,9 +114,15 @@ def monitored_declarations(specs: Sequence[MetricSpec], monitor: str, monitor_mo
         choices = ", ".join(key for key in declared if not key.startswith("test/"))
         raise ConfigError(f"monitor={monitor}: {owner} logs no such metric; set monitor to one of {choices}")
     if declared[monitor].direction != monitor_mode:
-        log.warning("monitor=%s is declared '%s' by %s, but monitor_mode=%s: the best checkpoint, metrics.json's best "
-                    "%s and the sweep objective follow monitor_mode", monitor, declared[monitor].direction, owner,
-                    monitor_mode, monitor)
+        log.warning(
+            "monitor=%s is declared '%s' by %s, but monitor_mode=%s: the best checkpoint, metrics.json's best "
+            "%s and the sweep objective follow monitor_mode",
+            monitor,
+            declared[monitor].direction,
+            owner,
+            monitor_mode,
+            monitor,
+        )
     return metric_declarations(specs, monitor, monitor_mode)
 
 
@@ -123,8 +131,14 @@ def declarations_from_record(record: Mapping[str, Mapping[str, Any]]) -> Declara
     declared = {}
     for key, entry in record.items():
         stage, _, name = key.partition("/")
-        declared[key] = MetricSpec(name, entry["direction"], entry["unit"], entry.get("title", name), (stage,),
-                                   bool(entry.get("headline", False)))
+        declared[key] = MetricSpec(
+            name,
+            entry["direction"],
+            entry["unit"],
+            entry.get("title", name),
+            (stage,),
+            bool(entry.get("headline", False)),
+        )
     return declared
 
 

@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 
 # The first six entries of COCOeval.stats, in order: das-lab's metric name -> the papers' column title.
 AP_TITLES: dict[str, str] = {
-    "map": "AP", "map_50": "AP50", "map_75": "AP75", "map_small": "APs", "map_medium": "APm", "map_large": "APl",
+    "map": "AP",
+    "map_50": "AP50",
+    "map_75": "AP75",
+    "map_small": "APs",
+    "map_medium": "APm",
+    "map_large": "APl",
 }
 AP_NAMES: tuple[str, ...] = tuple(AP_TITLES)
 
@@ -89,9 +94,7 @@ def evaluate_coco(
     return {name: float(value) if value >= 0 else math.nan for name, value in zip(AP_NAMES, evaluator.stats)}
 
 
-def gather_detections(
-    detections: list[Detection], image_ids: list[int]
-) -> tuple[list[Detection], list[int]]:
+def gather_detections(detections: list[Detection], image_ids: list[int]) -> tuple[list[Detection], list[int]]:
     """All processes' detections and image ids, each image counted once.
 
     A distributed sampler pads the last batch by repeating images; the repeats are dropped so

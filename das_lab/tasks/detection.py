@@ -169,8 +169,17 @@ class DetectionModule(TimmSchedulerMixin, L.LightningModule):
         self.detector_name = detector
         self.num_classes = num_classes
         self.detector = build_detector(
-            net, detector, num_classes, frozen_stages, frozen_bn, fpn_channels, box_head_dim,
-            min_size=sizes, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
+            net,
+            detector,
+            num_classes,
+            frozen_stages,
+            frozen_bn,
+            fpn_channels,
+            box_head_dim,
+            min_size=sizes,
+            max_size=max_size,
+            image_mean=list(image_mean),
+            image_std=list(image_std),
         )
         # backbone + FPN; the detection heads stay eager
         apply_speed_options(self.detector.backbone, compile, channels_last, compile_backend)

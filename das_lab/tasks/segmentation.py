@@ -131,11 +131,15 @@ class SegmentationModule(TimmSchedulerMixin, L.LightningModule):
         if inference not in INFERENCE:
             raise ValueError(f"task.inference={inference!r}: expected one of {INFERENCE}")
         if num_classes < 1 or channels < 1 or aux_weight < 0:
-            raise ValueError(f"task.num_classes={num_classes}, task.channels={channels}, task.aux_weight={aux_weight}: "
-                             "expected positive class and channel counts and a weight >= 0")
+            raise ValueError(
+                f"task.num_classes={num_classes}, task.channels={channels}, task.aux_weight={aux_weight}: "
+                "expected positive class and channel counts and a weight >= 0"
+            )
         if not tta_scales or min(tta_scales) <= 0 or not 0 < stride <= crop_size:
-            raise ValueError(f"task.tta_scales={list(tta_scales)}, task.stride={stride}, task.crop_size={crop_size}: "
-                             "expected positive ratios and 0 < stride <= crop_size")
+            raise ValueError(
+                f"task.tta_scales={list(tta_scales)}, task.stride={stride}, task.crop_size={crop_size}: "
+                "expected positive ratios and 0 < stride <= crop_size"
+            )
         backbone = feature_backbone(net)
         in_channels, strides = backbone.feature_info.channels(), backbone.feature_info.reduction()
         if head == "upernet":
@@ -174,7 +178,9 @@ class SegmentationModule(TimmSchedulerMixin, L.LightningModule):
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="none").mean()
 
-    def training_step(self, batch: tuple[list[torch.Tensor], list[torch.Tensor], list[str]], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[list[torch.Tensor], list[torch.Tensor], list[str]], batch_idx: int
+    ) -> torch.Tensor:
         images, labels = torch.stack(batch[0]), torch.stack(batch[1])
         logits, aux = self.segmentor.forward_train(images)
         decode_loss = self._loss(logits, labels)
@@ -249,15 +255,21 @@ class SegmentationModule(TimmSchedulerMixin, L.LightningModule):
         names = list(require_data(datamodule, NamedClasses, "task=segmentation").class_names) if datamodule else []
         names = names or [str(k) for k in range(self.num_classes)]
         if len(names) != self.num_classes:
-            raise ValueError(f"task.num_classes={self.num_classes} but the data names {len(names)} classes; "
-                             "set task.num_classes=${data.num_classes}")
+            raise ValueError(
+                f"task.num_classes={self.num_classes} but the data names {len(names)} classes; "
+                "set task.num_classes=${data.num_classes}"
+            )
         path = Path(self.trainer.default_root_dir) / f"per_class_{stage}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         ious, accs = (scores[key].tolist() for key in ("iou", "acc"))  # NaN: no pixel of the class
-        write_csv(path, ["label", "class", "iou", "acc"], (
-            [index + 1, name, *(None if math.isnan(v) else f"{v:.6f}" for v in (iou, acc))]
-            for index, (name, iou, acc) in enumerate(zip(names, ious, accs))
-        ))
+        write_csv(
+            path,
+            ["label", "class", "iou", "acc"],
+            (
+                [index + 1, name, *(None if math.isnan(v) else f"{v:.6f}" for v in (iou, acc))]
+                for index, (name, iou, acc) in enumerate(zip(names, ious, accs))
+            ),
+        )
         log.info("per-class IoU written to %s; predictions in %s", path, path.parent / f"predictions_{stage}")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -33,7 +33,9 @@ def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int, norm: s
     """mmcv's ConvModule: convolution (no bias under a norm), norm, ReLU."""
     if norm not in NORMS:
         raise ValueError(f"task.norm={norm!r}: expected one of {sorted(NORMS)}")
-    return Conv2dNormActivation(in_channels, out_channels, kernel_size, norm_layer=NORMS[norm], activation_layer=nn.ReLU)
+    return Conv2dNormActivation(
+        in_channels, out_channels, kernel_size, norm_layer=NORMS[norm], activation_layer=nn.ReLU
+    )
 
 
 def classifier(channels: int, num_classes: int, dropout: float) -> nn.Module:
@@ -47,7 +49,8 @@ class PyramidPooling(nn.Module):
     def __init__(self, in_channels: int, channels: int, scales: Sequence[int], norm: str) -> None:
         super().__init__()
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), conv_norm_act(in_channels, channels, 1, norm)) for scale in scales
+            nn.Sequential(nn.AdaptiveAvgPool2d(scale), conv_norm_act(in_channels, channels, 1, norm))
+            for scale in scales
         )
         self.bottleneck = conv_norm_act(in_channels + len(scales) * channels, channels, 3, norm)
 
@@ -59,8 +62,15 @@ class PyramidPooling(nn.Module):
 class UPerHead(nn.Module):
     """UperNet's decode head over multi-scale maps (finest first)."""
 
-    def __init__(self, in_channels: Sequence[int], channels: int, num_classes: int, pool_scales: Sequence[int],
-                 dropout: float, norm: str) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        channels: int,
+        num_classes: int,
+        pool_scales: Sequence[int],
+        dropout: float,
+        norm: str,
+    ) -> None:
         super().__init__()
         self.laterals = nn.ModuleList(conv_norm_act(c, channels, 1, norm) for c in in_channels[:-1])
         self.outputs = nn.ModuleList(conv_norm_act(channels, channels, 3, norm) for _ in in_channels[:-1])
@@ -80,8 +90,9 @@ class UPerHead(nn.Module):
 class FCNHead(nn.Module):
     """mmseg's FCNHead with ``num_convs`` 3x3 convolutions on one map (UperNet's auxiliary head)."""
 
-    def __init__(self, in_channels: int, channels: int, num_classes: int, num_convs: int, dropout: float,
-                 norm: str) -> None:
+    def __init__(
+        self, in_channels: int, channels: int, num_classes: int, num_convs: int, dropout: float, norm: str
+    ) -> None:
         super().__init__()
         widths = [in_channels] + [channels] * num_convs
         self.convs = nn.Sequential(*(conv_norm_act(a, b, 3, norm) for a, b in zip(widths, widths[1:])))
@@ -94,8 +105,16 @@ class FCNHead(nn.Module):
 class SemanticFPNHead(nn.Module):
     """Semantic FPN (Kirillov et al.): FPN neck, then every level brought to the finest stride and summed."""
 
-    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], neck_channels: int, channels: int,
-                 num_classes: int, dropout: float, norm: str) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        strides: Sequence[int],
+        neck_channels: int,
+        channels: int,
+        num_classes: int,
+        dropout: float,
+        norm: str,
+    ) -> None:
         super().__init__()
         self.neck = FeaturePyramidNetwork(list(in_channels), neck_channels)
         self.scale_heads = nn.ModuleList()

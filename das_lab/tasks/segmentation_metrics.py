@@ -34,7 +34,9 @@ class SegmentationScores(Metric):
         valid = target != self.ignore_index
         prediction, target = prediction[valid].long(), target[valid].long()
         if target.numel() and (target.min() < 0 or target.max() >= self.num_classes):
-            raise ValueError(f"target holds {int(target.max())}; expected 0..{self.num_classes - 1} or {self.ignore_index}")
+            raise ValueError(
+                f"target holds {int(target.max())}; expected 0..{self.num_classes - 1} or {self.ignore_index}"
+            )
         intersection = self._count(prediction[prediction == target])
         predicted, labelled = self._count(prediction), self._count(target)
         self.intersection += intersection

@@ -39,8 +39,23 @@ def _unregistered(*ops: Any) -> list[Any]:
 
 @register_flop_formula(torch.ops.torchvision.deform_conv2d)
 def _deform_conv2d_flops(
-    input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, offset_groups,
-    use_mask, *, out_shape=None, **kwargs,
+    input,
+    weight,
+    offset,
+    mask,
+    bias,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    groups,
+    offset_groups,
+    use_mask,
+    *,
+    out_shape=None,
+    **kwargs,
 ) -> int:
     """Convolution MACs plus the bilinear interpolation of every sampled input value."""
     batch, in_ch = _shape(input)[:2]
@@ -61,19 +76,23 @@ def _grid_sampler_2d_flops(input, grid, *args, out_shape=None, **kwargs) -> int:
     return 2 * batch * channels * out_h * out_w * _BILINEAR_MACS_PER_SAMPLE
 
 
-@register_flop_formula(_unregistered(
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
-    torch.ops.aten._scaled_dot_product_fused_attention_overrideable,
-))
+@register_flop_formula(
+    _unregistered(
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+        torch.ops.aten._scaled_dot_product_fused_attention_overrideable,
+    )
+)
 def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     """Attention on the CPU (and other fused backends): the same count as torch's GPU kernels."""
     return sdpa_flop_count(query, key, value)
 
 
-@register_flop_formula(_unregistered(
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
-    torch.ops.aten._scaled_dot_product_fused_attention_overrideable_backward,
-))
+@register_flop_formula(
+    _unregistered(
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+        torch.ops.aten._scaled_dot_product_fused_attention_overrideable_backward,
+    )
+)
 def _sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
     """Backward of the attention kernels above, as torch counts its GPU kernels' backward."""
     return sdpa_backward_flop_count(grad_out, query, key, value)

@@ -87,7 +87,11 @@ def peak_memory_mib(step: Callable[[], Any], device: torch.device) -> float:
     with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
         step()
     allocations = sorted(
-        (e for e in recorded.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
+        (
+            e
+            for e in recorded.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+        ),
         key=lambda e: e.start_ns(),
     )
     current = peak = 0

@@ -57,9 +57,9 @@ class ProcessLauncher(Launcher):
             sweep_config.hydra.job.num = num
         with tempfile.TemporaryDirectory(prefix="das-lab-job-") as scratch:
             job_file, result_file = Path(scratch) / "job.pkl", Path(scratch) / "result.pkl"
-            job_file.write_bytes(cloudpickle.dumps(
-                (self.hydra_context, self.task_function, sweep_config, Singleton.get_state())
-            ))
+            job_file.write_bytes(
+                cloudpickle.dumps((self.hydra_context, self.task_function, sweep_config, Singleton.get_state()))
+            )
             process = subprocess.Popen([sys.executable, "-m", __name__, str(job_file), str(result_file)])
             returncode, stop = _wait(process)
             result = cloudpickle.loads(result_file.read_bytes()) if result_file.is_file() else None
@@ -81,8 +81,14 @@ class ProcessLauncher(Launcher):
         why = record_dead_job(job_dir.absolute(), overrides, returncode)
         log.error("job %s failed: %s (see %s/FAILED)", sweep_config.hydra.job.num, why, job_dir)
         task_cfg = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
-        job = JobReturn(overrides=overrides, cfg=task_cfg, hydra_cfg=sweep_config, working_dir=str(Path.cwd()),
-                        task_name=str(sweep_config.hydra.job.name), status=JobStatus.COMPLETED)
+        job = JobReturn(
+            overrides=overrides,
+            cfg=task_cfg,
+            hydra_cfg=sweep_config,
+            working_dir=str(Path.cwd()),
+            task_name=str(sweep_config.hydra.job.name),
+            status=JobStatus.COMPLETED,
+        )
         job.return_value = math.nan
         self.hydra_context.callbacks.on_job_end(config=sweep_config, job_return=job)
         return job
@@ -125,8 +131,13 @@ def run_job_file(job_file: Path, result_file: Path) -> None:
     setup_globals()
     _register_resolvers()
     try:
-        result = run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
-                         job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        result = run_job(
+            hydra_context=hydra_context,
+            task_function=task_function,
+            config=sweep_config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
     except Stop as stop:  # an interruption: the job has recorded it; the sweep learns from the exit status
         sys.exit(report_error(stop.error))
     result_file.write_bytes(cloudpickle.dumps(result))

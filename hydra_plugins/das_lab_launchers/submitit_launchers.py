@@ -14,10 +14,9 @@ from typing import Any, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from omegaconf import OmegaConf, open_dict
-
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf, open_dict
 
 
 class _DasLabJobs:
@@ -46,10 +45,13 @@ class _DasLabJobs:
         if "max_num_timeout" in self.params:
             init[f"{self._EXECUTOR}_max_num_timeout"] = self.params["max_num_timeout"]
         executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
-        executor.update_parameters(**{
-            key if key in shared else f"{self._EXECUTOR}_{key}": value
-            for key, value in self.params.items() if key not in ("submitit_folder", "max_num_timeout")
-        })
+        executor.update_parameters(
+            **{
+                key if key in shared else f"{self._EXECUTOR}_{key}": value
+                for key, value in self.params.items()
+                if key not in ("submitit_folder", "max_num_timeout")
+            }
+        )
         return executor
 
     def _job_dir(self, overrides: Sequence[str], num: int) -> Path:
@@ -70,11 +72,16 @@ class _DasLabJobs:
             submitit_launcher.log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
         state = Singleton.get_state()
         jobs = self._executor().map_array(
-            self, [list(o) for o in job_overrides], ["hydra.sweep.dir"] * len(nums), list(nums),
-            [f"job_id_for_{num}" for num in nums], [state] * len(nums),
+            self,
+            [list(o) for o in job_overrides],
+            ["hydra.sweep.dir"] * len(nums),
+            list(nums),
+            [f"job_id_for_{num}" for num in nums],
+            [state] * len(nums),
         )
-        submitit_launcher.log.info(f"Submitit '{self._EXECUTOR}' jobs {', '.join(j.job_id for j in jobs)} "
-                                   f"write to {sweep_dir}")
+        submitit_launcher.log.info(
+            f"Submitit '{self._EXECUTOR}' jobs {', '.join(j.job_id for j in jobs)} write to {sweep_dir}"
+        )
 
         def nan_return(overrides: Sequence[str], value: float) -> JobReturn:
             return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=value)

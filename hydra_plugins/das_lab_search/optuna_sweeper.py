@@ -54,8 +54,19 @@ def objective(result: JobReturn) -> Optional[float]:
 class OptunaSearchSweeper(Sweeper):
     """Asks the study for up to ``n_jobs`` trials at a time until it holds ``n_trials``, tells it each result."""
 
-    def __init__(self, study_name: str, storage: str, direction: str, n_trials: int, n_jobs: int, sampler: Any,
-                 params: Optional[DictConfig], heartbeat_interval: float, grace_period: float, max_retry: int) -> None:
+    def __init__(
+        self,
+        study_name: str,
+        storage: str,
+        direction: str,
+        n_trials: int,
+        n_jobs: int,
+        sampler: Any,
+        params: Optional[DictConfig],
+        heartbeat_interval: float,
+        grace_period: float,
+        max_retry: int,
+    ) -> None:
         self.study_name = study_name
         self.storage = storage
         self.direction = direction
@@ -96,14 +107,23 @@ class OptunaSearchSweeper(Sweeper):
         storage = open_storage(self.storage)
         study = open_study(storage, self.study_name, self.direction, instantiate(self.sampler), self.storage)
         save_location(sweep_dir, self.study_name, self.storage, self.config.get("monitor"), self.direction)
-        log.info("search: study '%s' in %s, %d trial(s) so far, %d in all. To add a worker or continue later, "
-                 "run the same command with hydra.sweep.dir=%s", self.study_name, self.storage, len(study.trials),
-                 self.n_trials, sweep_dir)
+        log.info(
+            "search: study '%s' in %s, %d trial(s) so far, %d in all. To add a worker or continue later, "
+            "run the same command with hydra.sweep.dir=%s",
+            self.study_name,
+            self.storage,
+            len(study.trials),
+            self.n_trials,
+            sweep_dir,
+        )
         returns: list[JobReturn] = []
         while True:
             for number in fail_stale_trials(study, storage, self.grace_period, self.max_retry):
-                log.warning("trial %d: its worker stopped beating for %ss (killed, preempted): FAIL, queued again",
-                            number, self.grace_period)
+                log.warning(
+                    "trial %d: its worker stopped beating for %ss (killed, preempted): FAIL, queued again",
+                    number,
+                    self.grace_period,
+                )
             count = trials_to_start(study, self.n_trials, self.n_jobs)
             if count == 0:
                 if not has_running_trials(study):
@@ -128,8 +148,9 @@ class OptunaSearchSweeper(Sweeper):
                 results = self.launcher.launch(batch, initial_job_idx=trials[0].number)
             except Exception as error:  # the launcher lost its jobs (killed, cancelled): no results to tell
                 failed = fail_and_retry(study, storage, [t._trial_id for t in trials], self.max_retry)
-                log.error("trial(s) %s: their jobs died (%s: %s): FAIL, queued again", failed, type(error).__name__,
-                          error)
+                log.error(
+                    "trial(s) %s: their jobs died (%s: %s): FAIL, queued again", failed, type(error).__name__, error
+                )
                 return []
         for trial, result in zip(trials, results):
             state = finish_trial(study, trial, objective(result))
