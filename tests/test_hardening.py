@@ -18,12 +18,12 @@ from cli_helpers import DAS_LAB, TINY, read_metrics, run_cli, run_dirs
 
 pytestmark = pytest.mark.slow
 
-# epochs long enough that a signal lands inside one
+# after the first epoch's checkpoint, two more epochs for the signal to land in, even on a busy machine
 LONG = [
     *[arg for arg in TINY if not arg.startswith(("trainer.max_epochs", "trainer.limit_train"))],
     "model=resnet_tiny",
-    "trainer.max_epochs=2",
-    "trainer.limit_train_batches=20",
+    "trainer.max_epochs=3",
+    "trainer.limit_train_batches=40",
     "test=false",
 ]
 
