@@ -1,7 +1,7 @@
 # das-lab: `make train` runs the default experiment, `make test` the whole test suite.
 # Both create .venv and install das-lab (with its search and export extras) into it on first use.
 PYTHON ?= python3
-# test processes (pytest-xdist); the SLURM tests share one of them
+# test processes (pytest-xdist); each file runs on one of them, so the SLURM tests run in turn
 TEST_WORKERS ?= 2
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -31,7 +31,7 @@ format: $(STAMP)
 	$(BIN)/ruff format $(CODE)
 
 test: lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done

@@ -19,8 +19,9 @@ import pytest
 
 from cli_helpers import DAS_LAB, TINY, read_metrics, run_cli
 
-# one worker runs them in turn: the cluster has one node, and their timings assume it is theirs
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# `make test` runs a file's tests on one pytest-xdist worker, in turn: the cluster has one node, and their
+# timings assume it is theirs
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 CLUSTER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_cluster.sh"
 SLURM = [
@@ -74,7 +75,7 @@ def slurm(slurm_conf, tmp_path) -> Iterator[Callable[[list[str]], subprocess.Com
 
     yield _run
     # the next test reads the queue as its own: SLURM may still be tidying up (COMPLETING) after this one
-    _wait_for(lambda: not _queued(_run), "the cluster's queue to empty", timeout_s=120)
+    _wait_for(lambda: not _queued(_run, tmp_path), "the jobs of the test to leave the queue", timeout_s=120)
 
 
 def _start_sweep(args: list[str], cwd: Path, slurm_conf: str) -> subprocess.Popen:
@@ -105,8 +106,10 @@ def _job_dirs(root: Path) -> list[Path]:
     return sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
 
 
-def _queued(slurm) -> list[str]:
-    return slurm(["squeue", "-h", "-o", "%i %T"]).stdout.split()
+def _queued(slurm, root: Path) -> list[str]:
+    """``[job id, state, ...]`` of the queued jobs submitted from ``root`` (a test's folder): only this test's jobs."""
+    lines = slurm(["squeue", "-h", "-o", "%i %T %Z"]).stdout.splitlines()
+    return [value for line in lines if line.split()[2].startswith(str(root)) for value in line.split()[:2]]
 
 
 def _status(job_dir: Path) -> str | None:
@@ -141,7 +144,7 @@ def test_sweep_runs_as_an_array_and_reports_its_failed_job(slurm_conf, slurm, tm
 
 def test_cancelled_job_is_recorded_failed_with_its_slurm_state(slurm_conf, slurm, tmp_path):
     sweep = _start_sweep([*FAST, "trainer.max_epochs=50"], tmp_path, slurm_conf)
-    (job_id, _) = _wait_for(lambda: _queued(slurm), "the job to be queued")
+    (job_id, _) = _wait_for(lambda: _queued(slurm, tmp_path), "the job to be queued")
     slurm(["scancel", job_id])
     _, stderr = sweep.communicate(timeout=240)
     assert sweep.returncode == 1, stderr[-3000:]
@@ -158,7 +161,7 @@ def test_requeue_by_usr2_resumes_from_last_checkpoint_to_the_uninterrupted_resul
     preempted = _wait_for(
         lambda: next(iter(tmp_path.glob("multirun/*/*/0_*/checkpoints/last.ckpt")), None), "the first checkpoint"
     ).parents[1]
-    array_job = _wait_for(lambda: _queued(slurm), "the jobs")[0].split("_")[0]
+    array_job = _wait_for(lambda: _queued(slurm, tmp_path), "the jobs")[0].split("_")[0]
     slurm(["scancel", "--signal=USR2", f"{array_job}_0"])
     _wait_for(lambda: _status(preempted) == "requeued", "the requeued record", timeout_s=60)
     assert not (preempted / "FAILED").exists()
@@ -201,7 +204,7 @@ def test_requeue_at_the_time_limit_resumes_and_keeps_the_history(slurm_conf, slu
     job_dir = _wait_for(
         lambda: next(iter(tmp_path.glob("multirun/*/*/0_*/checkpoints/last.ckpt")), None), "the first checkpoint"
     ).parents[1]
-    (job_id, _) = _queued(slurm)
+    (job_id, _) = _queued(slurm, tmp_path)
     limit_min = -(-(_elapsed_s(slurm, job_id) + 30) // 60)
     slurm(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit_min}"])
     _wait_for(lambda: _status(job_dir) == "requeued", "the requeue at the time limit", timeout_s=90)
@@ -236,11 +239,11 @@ def test_ddp_job_runs_two_ranks_that_leave_promptly_when_requeued(slurm_conf, sl
     job_dir = _wait_for(
         lambda: next(iter(tmp_path.glob("multirun/*/*/0_*/checkpoints/last.ckpt")), None), "the first checkpoint"
     ).parents[1]
-    (job_id, _) = _queued(slurm)
+    (job_id, _) = _queued(slurm, tmp_path)
     slurm(["scancel", "--signal=USR2", job_id])
     signalled = time.monotonic()
     # both ranks leave at once (a rank left waiting in a collective would hold the job until KillWait, 30 s)
-    _wait_for(lambda: _queued(slurm)[1:] == ["PENDING"], "the job to be requeued", timeout_s=60)
+    _wait_for(lambda: _queued(slurm, tmp_path)[1:] == ["PENDING"], "the job to be requeued", timeout_s=60)
     assert time.monotonic() - signalled < 20
     assert _status(job_dir) == "requeued" and not (job_dir / "FAILED").exists()
     _, stderr = sweep.communicate(timeout=300)
