@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from hydra.utils import instantiate
@@ -43,17 +43,23 @@ def empty_out_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def load_classifier(ckpt_path: str) -> tuple[nn.Module, ImageInputs, Restored]:
-    """The backbone of a das-lab classification checkpoint (eval mode), its datamodule and what restored it."""
+def load_exportable(ckpt_path: str, format: str) -> tuple[nn.Module, tuple[int, ...], Restored, Optional[ImageInputs]]:
+    """The network to export (eval mode), its input size (C, H, W), what restored it, and for classifiers
+    their datamodule: classifiers go to timm folders and ONNX, segmentors (logits at the input's size) to ONNX."""
     from das_lab.tasks.classification import ClassificationModule
+    from das_lab.tasks.segmentation import SegmentationModule
 
     restored = restore_checkpoint(ckpt_path)
-    if not isinstance(restored.module, ClassificationModule):
+    module = restored.module
+    if isinstance(module, SegmentationModule) and format == "onnx":
+        return module.segmentor.eval(), (3, module.crop_size, module.crop_size), restored, None
+    if not isinstance(module, ClassificationModule):
         raise ConfigError(
-            f"{ckpt_path} holds a {type(restored.module).__name__}; das-lab export takes classification models"
+            f"{ckpt_path} holds a {type(module).__name__}; das-lab export takes classification models "
+            f"(format=timm or onnx) and segmentation models (format=onnx)"
         )
     datamodule = require_data(instantiate(restored.data), ImageInputs, "das-lab export")
-    return restored.net.eval(), datamodule, restored
+    return restored.net.eval(), tuple(datamodule.eval_data_config()["input_size"]), restored, datamodule
 
 
 def sample_batch(input_size: Sequence[int], batch: int, seed: int = 0) -> torch.Tensor:
@@ -145,10 +151,9 @@ def export(cfg: DictConfig, run: Run) -> Outcome:
                 f"format=onnx needs the export extra ({error.name} missing): pip install 'das-lab[export]'"
             ) from error
     out_dir = check_out_dir(cfg.out, cfg.overwrite)
-    net, datamodule, restored = load_classifier(cfg.ckpt_path)
+    net, input_size, restored, datamodule = load_exportable(cfg.ckpt_path, cfg.format)
     run.start()
     empty_out_dir(out_dir)
-    input_size = datamodule.eval_data_config()["input_size"]
     if cfg.format == "timm":
         pretrained_cfg = write_timm_folder(net, datamodule, restored.class_names(net.num_classes), out_dir)
         card = model_card(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -47,3 +48,15 @@ def no_process_group_left_behind():
             "the test left a torch.distributed process group in the test process; run DDP in its own "
             "process (cli_helpers.run_console)"
         )
+
+
+@pytest.fixture(autouse=True)
+def no_logging_into_closed_streams():
+    """Commands run in the test process set up logging (Hydra's job logging) on the streams of the moment,
+    such as pytest's captured stderr, which is closed after the test: a later test's log record would
+    print "--- Logging error ---" into its own output. Such handlers go when their stream closes."""
+    yield
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in list(getattr(logger, "handlers", [])):
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                logger.removeHandler(handler)

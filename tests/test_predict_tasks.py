@@ -1,4 +1,4 @@
-"""``das-lab predict`` on detection and segmentation checkpoints, and the class names checkpoints carry.
+"""``das-lab predict`` and ONNX export on detection and segmentation checkpoints; the class names they carry.
 
 One tiny detector and one tiny segmentor are trained in-process (a few steps, 64 px) through
 ``das-lab train``'s own code, once for this file.
@@ -206,4 +206,33 @@ def test_predict_inputs_and_options_are_checked_in_one_line(detector, segmentor,
     assert line == (
         f"das-lab: error: boxes_dir={tmp_path / 'b'}: boxes are drawn for detection checkpoints; "
         f"{segmentor[0]} holds a SegmentationModule, drop boxes_dir"
+    )
+
+
+def test_segmentation_exports_to_onnx_and_detection_is_refused_in_one_line(detector, segmentor, tmp_path, capsys):
+    import onnxruntime
+
+    from das_lab.export import main as export_main
+
+    ckpt, _ = segmentor
+    out = tmp_path / "onnx"
+    assert export_main([f"ckpt_path={ckpt}", "format=onnx", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}"]) == 0
+    assert "onnxruntime vs PyTorch max |diff|" in capsys.readouterr().out
+    module = restore_checkpoint(ckpt).module.eval()
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    side = module.crop_size  # the sliding window's crop: the unit of whole-image inference
+    images = torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(3))  # another batch size
+    (logits,) = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        expected = module.segmentor(images)
+    assert logits.shape == (3, 150, side, side) and (torch.from_numpy(logits) - expected).abs().max() < 1e-4
+
+    timm_folder = [f"ckpt_path={ckpt}", "format=timm", f"out={tmp_path / 'timm'}"]
+    assert error_line(export_main, timm_folder, tmp_path / "run2", capsys) == (
+        f"das-lab: error: {ckpt} holds a SegmentationModule; das-lab export takes classification models "
+        "(format=timm or onnx) and segmentation models (format=onnx)"
+    )
+    detection = [f"ckpt_path={detector[0]}", "format=onnx", f"out={tmp_path / 'det'}"]
+    assert error_line(export_main, detection, tmp_path / "run3", capsys).startswith(
+        f"das-lab: error: {detector[0]} holds a DetectionModule;"
     )
