@@ -5,8 +5,8 @@ Usage: python benchmarks/dat_attention.py [--device auto|cpu|cuda] [--model dat_
 
 Rows (``model.attn_impl`` of the same weights):
 - train: forward, mean of the logits, backward (no optimizer). torch 2.14 has no flex_attention
-  backward on CPU, so there the fused training row runs the fused deformable attention (SDPA) with
-  the reference neighborhood attention, and says so;
+  backward on CPU, so there fused neighborhood attention runs flex_attention's forward and a backward
+  that recomputes the windows a band of query rows at a time (``FlexForwardBandedBackward``);
 - inference: forward without autograd; fused neighborhood attention is compiled flex_attention,
   whose compilation is the first call (``first call s``), not counted in the median.
 Times are medians of ``--repeats`` calls after ``--warmup``, the paths timed in turn (A, B, A, B)
@@ -28,41 +28,32 @@ from torch import nn
 from train_step import interleaved_seconds
 
 import das_lab.models  # noqa: F401  (registers das-lab's backbones in timm)
-from das_lab.models.neighborhood_attention import NeighborhoodAttention2D
-from das_lab.profile import (
+from das_lab.utils.tables import markdown_table, measured
+from das_lab.utils.timing import (
     backward_step,
     example_input,
     forward_step,
-    markdown_table,
     peak_memory_mib,
     resolve_device,
     synchronize,
 )
 
 
-def build(name: str, attn_impl: str, device: torch.device, neighborhood_impl: str | None = None) -> nn.Module:
-    """``name`` with seed-0 weights on ``attn_impl`` kernels; ``neighborhood_impl`` overrides the 'N' blocks' choice."""
+def build(name: str, attn_impl: str, device: torch.device) -> nn.Module:
+    """``name`` with seed-0 weights on ``attn_impl`` kernels."""
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=1000, attn_impl=attn_impl, drop_path_rate=0.0).to(device)
-    if neighborhood_impl is not None:
-        for module in model.modules():
-            if isinstance(module, NeighborhoodAttention2D):
-                module.attn_impl = neighborhood_impl
-    return model
+    return timm.create_model(name, num_classes=1000, attn_impl=attn_impl, drop_path_rate=0.0).to(device)
 
 
 def paths(
     name: str, device: torch.device, x: torch.Tensor, modes: list[str]
 ) -> dict[str, dict[str, Callable[[], None]]]:
-    """Per mode, the reference and fused steps (on CPU, training keeps reference neighborhood attention)."""
+    """Per mode, the reference and the fused step of the same weights."""
     steps = {}
     if "train" in modes:
-        cpu = device.type == "cpu"
-        fused_train = build(name, "fused", device, "reference" if cpu else None).train()
-        fused_label = "fused (SDPA deformable; reference neighborhood: no CPU flex backward)" if cpu else "fused"
         steps["train"] = {
             "reference": backward_step(build(name, "reference", device).train(), x, "fp32"),
-            fused_label: backward_step(fused_train, x, "fp32"),
+            "fused": backward_step(build(name, "fused", device).train(), x, "fp32"),
         }
     if "inference" in modes:
         steps["inference"] = {
@@ -116,21 +107,24 @@ def main() -> None:
         reference = results[mode]["reference"]
         for label, figures in results[mode].items():
             rows.append(
-                [
-                    mode,
-                    label,
-                    figures["median_s"],
-                    figures["median_s"] / reference["median_s"],
-                    figures["peak_mib"],
-                    figures["peak_mib"] / reference["peak_mib"],
-                    figures["first_s"],
-                ]
+                measured(
+                    [
+                        mode,
+                        label,
+                        figures["median_s"],
+                        figures["median_s"] / reference["median_s"],
+                        figures["peak_mib"],
+                        figures["peak_mib"] / reference["peak_mib"],
+                        figures["first_s"],
+                    ]
+                )
             )
     print(
         f"{args.model} batch {args.batch} at {args.size} px on {device} (torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads)"
     )
-    print(markdown_table(("mode", "path", "median s", "x reference", "peak MiB", "x reference", "first call s"), rows))
+    header = ("mode", "path", "median s", "x reference", "peak MiB", "x reference", "first call s")
+    print(markdown_table(header, rows, align="llrrrrr"))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))
 

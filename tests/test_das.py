@@ -116,11 +116,23 @@ def test_flops_include_the_deformable_convolution():
     assert count_gmacs(gate, (1, 32, 8, 8)) * 1e9 == pytest.approx(convs + deform)
 
 
-def test_gate_runs_under_cpu_bf16_autocast():
-    """torchvision's CPU deform_conv2d has no bf16 kernel: the gate runs it in float32."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gate_runs_under_cpu_autocast(dtype):
+    """torchvision has no CPU autocast rule for deform_conv2d: the gate runs it in float32."""
     gate = DASGate(16)
     x = torch.randn(2, 16, 8, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = gate(x)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert torch.allclose(out.float(), gate(x), atol=0.05)
+
+
+def test_torchvision_cpu_deform_conv_still_lacks_bf16():
+    """Why the gate's float32 island exists; when torchvision gains the kernel, the island can go."""
+    from torchvision.ops import deform_conv2d
+
+    x, offsets, weight = torch.randn(1, 2, 4, 4), torch.zeros(1, 18, 4, 4), torch.randn(2, 2, 3, 3)
+    with pytest.raises(RuntimeError, match="not implemented for 'BFloat16'"):
+        deform_conv2d(x.bfloat16(), offsets.bfloat16(), weight.bfloat16(), padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="BFloat16"):
+        deform_conv2d(x.bfloat16(), offsets, weight, padding=1)

@@ -167,9 +167,50 @@ def test_fused_neighborhood_attention_inside_a_compiled_model():
 
 
 def test_whole_dat_training_step_equal_under_both_paths():
-    """A tiny DAT++ of deformable blocks (CPU-trainable fused kernel) gives the same outputs and gradients."""
-    reference, fused = twins(tiny_dat([["D"], ["D"], ["D"], ["D"]], [1, 1, 1, 1]).train())
-    assert_same_training_step(reference, fused, torch.randn(2, 3, 32, 64))
+    """A tiny DAT++ with neighborhood and deformable blocks trains alike on both paths: on CPU the fused
+    neighborhood attention is flex_attention's forward with the banded backward, the deformable one SDPA."""
+    reference, fused = twins(tiny_dat([["N", "D"], ["D"], ["D"], ["D"]], [2, 1, 1, 1]).train())
+    assert_same_training_step(reference, fused, torch.randn(1, 3, 32, 64))
+
+
+@pytest.mark.parametrize("size,kernel", [((9, 10), 7), ((4, 6), 7), ((8, 5), 3), ((15, 7), 5)])
+def test_banded_backward_gives_the_reference_gradients(size, kernel):
+    """Every band of query rows, its key rows at the borders, small maps and no bias: the gather's gradients."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, *size, 4, generator=gen) for _ in range(3))
+    grad_out = torch.randn(2, 3, *size, 4, generator=gen)
+    for rpb in (torch.randn(3, 2 * kernel - 1, 2 * kernel - 1, generator=gen), None):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, rpb) if t is not None]
+        out = na.neighborhood_attention(*leaves[:3], leaves[3] if rpb is not None else None, kernel)
+        expected = torch.autograd.grad(out, leaves, grad_out)
+        banded = [g for g in na.na2d_backward_by_bands(q, k, v, rpb, kernel, grad_out) if g is not None]
+        assert len(banded) == len(expected)
+        assert max(max_diff(a, b) for a, b in zip(expected, banded)) <= TOL
+
+
+def saved_bytes(fn, *inputs: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn(*inputs)`` runs (storage counted once)."""
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return sum(storages.values())
+
+
+def test_fused_neighborhood_training_keeps_no_windows_for_backward():
+    """The reference keeps every query's gathered keys and values (kernel**2 x the map); fused keeps its inputs."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 8, 16, 8, generator=gen, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(1, 13, 13, generator=gen, requires_grad=True)
+    inputs = sum(t.numel() * 4 for t in (q, k, v, rpb))
+    reference = saved_bytes(lambda *a: na.neighborhood_attention(*a, 7, fused=False), q, k, v, rpb)
+    fused = saved_bytes(lambda *a: na.neighborhood_attention(*a, 7, fused=True), q, k, v, rpb)
+    assert fused == inputs
+    assert reference > 40 * q.numel() * 4
 
 
 # ---------------------------------------------------------------- choosing the kernel
@@ -189,9 +230,6 @@ def test_unusable_fused_choices_name_the_fix():
         check_attn_impl("flash")
     with pytest.raises(ValueError, match="model.attn_impl"):
         timm.create_model("dat_nano", attn_impl="flex")
-    block = na.NeighborhoodAttention2D(4, 3, 1, attn_impl="fused")
-    with pytest.raises(RuntimeError, match="cannot train on CPU.*model.attn_impl=auto or reference"):
-        block(torch.randn(1, 4, 5, 5))
 
 
 def test_attn_impl_changes_no_parameter():

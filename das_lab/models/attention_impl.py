@@ -5,14 +5,17 @@
 - ``reference``: the einsum + softmax formulation that mirrors the official code (materialises the
   attention matrix; neighborhood attention gathers every window);
 - ``fused``: ``scaled_dot_product_attention`` for deformable attention and a compiled
-  ``flex_attention`` for neighborhood attention, wherever torch has the kernel (an error names the
-  case it lacks: flex_attention has no CPU backward in torch 2.14 and no attention dropout);
+  ``flex_attention`` for neighborhood attention (an error names the case it lacks: attention
+  dropout). torch 2.14 has no flex_attention backward on CPU, so CPU training runs flex_attention's
+  forward with a backward that recomputes the windows a band of query rows at a time
+  (``neighborhood_attention.FlexForwardBandedBackward``); SDPA takes a bias that needs a gradient
+  on every device (on CPU through its math kernel);
 - ``auto``: fused on CUDA, reference on CPU and for neighborhood attention while its attention
-  dropout is active. Measured on a CPU (benchmarks/dat_attention.py, RESULTS.md): CPU training has
-  no fused kernel (flex_attention raises; SDPA falls back to its math kernel when the bias needs a
-  gradient); for inference SDPA's CPU kernel with a float mask is slower than the einsum, and
-  compiled flex_attention is faster than the gather only after a compilation of tens of seconds
-  per map and batch size, so CPU inference takes ``fused`` on request (long runs at one size).
+  dropout is active. Measured on a CPU (benchmarks/dat_attention.py, RESULTS.md), DAT-T++ at 224:
+  the fused path trains in 0.39x the reference's peak memory at the same speed and infers in 0.16x,
+  but flex_attention compiles for tens of seconds per map size and batch size on CPU (shape-
+  specialised there), which short CPU runs with changing shapes never pay back; so CPU takes
+  ``fused`` on request (memory-bound or long runs at one size).
 """
 
 from __future__ import annotations

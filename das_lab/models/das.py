@@ -130,12 +130,16 @@ class DASGate(nn.Module):
         self.norm2 = norm_layer(channels)
 
     def _deform(self, hidden: Tensor, offsets: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """The deformable conv, in float32 under autocast: torchvision's CPU kernel has no bf16/fp16 path."""
-        if not torch.jit.is_scripting():
-            device = hidden.device.type
-            if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-                with torch.autocast(device, enabled=False):
-                    return self.deform(hidden.float(), offsets.float(), None if mask is None else mask.float())
+        """The deformable conv; in float32 under CPU autocast, the one place its kernel lacks the dtype.
+
+        torchvision registers no CPU autocast rule for deform_conv2d and its CPU kernel has no bf16
+        (fp16 inputs would meet the fp32 weight), so the gate casts. On CUDA torchvision's own
+        autocast rule already runs the op in float32 (its CUDA kernel has fp16 but no bf16) and
+        returns the input's dtype, so the gate adds nothing there.
+        """
+        if not torch.jit.is_scripting() and hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return self.deform(hidden.float(), offsets.float(), None if mask is None else mask.float())
         return self.deform(hidden, offsets, mask)
 
     @torch.jit.unused

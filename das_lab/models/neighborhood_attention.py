@@ -8,7 +8,10 @@ indexed by the key-minus-query displacement.
 Two kernels compute the same function (``model.attn_impl``, see attention_impl.py):
 - reference: gathers every query's window of keys and values (memory ~k*k times the map per head);
 - fused: ``flex_attention`` compiled, with the window as a block mask and the bias as a
-  ``score_mod``; it never materialises windows. torch 2.14 runs it on CPU for inference only.
+  ``score_mod``; it never materialises windows. torch 2.14 has no flex_attention backward on CPU,
+  so CPU training runs the flex forward and a backward that recomputes the gather a band of query
+  rows at a time (:class:`FlexForwardBandedBackward`): the windows of one band live at a time,
+  never the windows of the whole map for the whole network, as the reference keeps for backward.
 
 Feature maps smaller than the window: the window is clamped to the map along that axis, so
 every query attends to the whole map (the limit of the neighborhood definition when the map
@@ -20,7 +23,7 @@ maps smaller than 7 (inputs below 112 pixels for stage 3), never at ImageNet or 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from timm.models import register_notrace_module
@@ -49,6 +52,11 @@ def neighborhood_indices(length: int, kernel_size: int, device: torch.device | N
     return start[:, None] + torch.arange(window, device=device)[None, :]
 
 
+def _window_start(position: int, length: int, kernel_size: int) -> int:
+    """First key position of ``position``'s window along an axis of ``length`` (:func:`neighborhood_indices` in ints)."""
+    return min(max(position - kernel_size // 2, 0), length - min(kernel_size, length))
+
+
 def _windows(height: int, width: int, kernel_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row/column key indices and their relative-position-bias indices for every query."""
     rows = neighborhood_indices(height, kernel_size, device)
@@ -59,33 +67,80 @@ def _windows(height: int, width: int, kernel_size: int, device: torch.device) ->
 
 
 def _gather(t: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """(B, heads, H, W, D) -> (B, heads, H, W, kh, kw, D): each query's neighborhood of ``t``.
+    """(B, heads, H, W, D) -> (B, heads, R, W, kh, kw, D): the neighborhoods of ``t`` of R query rows.
 
-    Two index_select calls (backward: index_add) instead of one advanced index, whose accumulating
-    backward is several times slower on CPU.
+    ``rows`` (R, kh) and ``cols`` (W, kw) index ``t``'s rows and columns. Two index_select calls
+    (backward: index_add) instead of one advanced index, whose accumulating backward is several
+    times slower on CPU.
     """
-    batch, heads, height, width, dim = t.shape
-    (_, kh), (_, kw) = rows.shape, cols.shape
+    batch, heads, _, width, dim = t.shape
+    (query_rows, kh), (_, kw) = rows.shape, cols.shape
     t = t.index_select(2, rows.flatten()).index_select(3, cols.flatten())
-    return t.view(batch, heads, height, kh, width, kw, dim).permute(0, 1, 2, 4, 3, 5, 6)
+    return t.view(batch, heads, query_rows, kh, width, kw, dim).permute(0, 1, 2, 4, 3, 5, 6)
 
 
-def na2d_logits_torch(q: Tensor, k: Tensor, rpb: Tensor | None, kernel_size: int) -> Tensor:
-    """Query-key logits (B, heads, H, W, kh*kw) plus relative position bias, pure PyTorch."""
-    _, _, height, width, _ = q.shape
-    rows, cols, rel_rows, rel_cols = _windows(height, width, kernel_size, q.device)
+def _window_logits(
+    q: Tensor, k: Tensor, rpb: Tensor | None, rows: Tensor, cols: Tensor, rel_rows: Tensor, rel_cols: Tensor
+) -> Tensor:
+    """Logits (B, heads, R, W, kh*kw) of the R query rows of ``q`` over their windows of ``k`` (see :func:`_gather`)."""
     logits = torch.einsum("bnhwd,bnhwijd->bnhwij", q, _gather(k, rows, cols))
     if rpb is not None:
         logits = logits + rpb[:, rel_rows[:, None, :, None], rel_cols[None, :, None, :]].unsqueeze(0)
     return logits.flatten(-2)
 
 
+def _window_sum(attn: Tensor, v: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Attention-weighted sums (B, heads, R, W, D) of the R query rows' windows of ``v``."""
+    attn = attn.unflatten(-1, (rows.shape[1], cols.shape[1]))
+    return torch.einsum("bnhwij,bnhwijd->bnhwd", attn, _gather(v, rows, cols))
+
+
+def na2d_logits_torch(q: Tensor, k: Tensor, rpb: Tensor | None, kernel_size: int) -> Tensor:
+    """Query-key logits (B, heads, H, W, kh*kw) plus relative position bias, pure PyTorch."""
+    _, _, height, width, _ = q.shape
+    return _window_logits(q, k, rpb, *_windows(height, width, kernel_size, q.device))
+
+
 def na2d_aggregate_torch(attn: Tensor, v: Tensor, kernel_size: int) -> Tensor:
     """Attention-weighted sum of each query's neighborhood values (B, heads, H, W, D), pure PyTorch."""
     _, _, height, width, _ = v.shape
     rows, cols, _, _ = _windows(height, width, kernel_size, v.device)
-    attn = attn.unflatten(-1, (rows.shape[1], cols.shape[1]))
-    return torch.einsum("bnhwij,bnhwijd->bnhwd", attn, _gather(v, rows, cols))
+    return _window_sum(attn, v, rows, cols)
+
+
+def na2d_backward_by_bands(
+    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel_size: int, grad_out: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients of neighborhood attention (pre-scaled ``q``) for ``grad_out``, recomputed a band of query rows at a time.
+
+    Each band of ``max(1, H // kernel_size)`` query rows recomputes the gather reference for its
+    rows over the key rows its windows reach and back-propagates through it: the peak extra memory
+    is one band's windows (about ``kernel_size`` times the map instead of ``kernel_size**2``).
+    """
+    height, width = q.shape[2:4]
+    rows, cols, rel_rows, rel_cols = _windows(height, width, kernel_size, q.device)
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    grad_rpb = None if rpb is None else torch.zeros_like(rpb)
+    band, window = max(1, height // kernel_size), min(kernel_size, height)
+    for top in range(0, height, band):
+        bottom = min(top + band, height)
+        first, last = _window_start(top, height, kernel_size), _window_start(bottom - 1, height, kernel_size) + window
+        with torch.enable_grad():
+            q_band, k_band, v_band = (
+                t.detach().requires_grad_(True) for t in (q[:, :, top:bottom], k[:, :, first:last], v[:, :, first:last])
+            )
+            rpb_leaf = None if rpb is None else rpb.detach().requires_grad_(True)
+            band_rows = rows[top:bottom] - first
+            logits = _window_logits(q_band, k_band, rpb_leaf, band_rows, cols, rel_rows[top:bottom], rel_cols)
+            out = _window_sum(logits.softmax(dim=-1), v_band, band_rows, cols)
+            leaves = [t for t in (q_band, k_band, v_band, rpb_leaf) if t is not None]
+            grads = torch.autograd.grad(out, leaves, grad_out[:, :, top:bottom])
+        grad_q[:, :, top:bottom] = grads[0]
+        grad_k[:, :, first:last] += grads[1]
+        grad_v[:, :, first:last] += grads[2]
+        if grad_rpb is not None:
+            grad_rpb += grads[3]
+    return grad_q, grad_k, grad_v, grad_rpb
 
 
 def window_mask_mod(height: int, width: int, kernel_size: int) -> _MaskMod:
@@ -121,14 +176,32 @@ def window_block_mask(height: int, width: int, kernel_size: int, device: torch.d
     return create_block_mask(window_mask_mod(height, width, kernel_size), None, None, length, length, device=device)
 
 
+class FlexForwardBandedBackward(torch.autograd.Function):
+    """flex_attention's forward with :func:`na2d_backward_by_bands` as backward: CPU training, where
+    torch 2.14's flex_attention has no backward. Saves only the inputs."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel_size: int) -> Tensor:
+        ctx.save_for_backward(q, k, v, rpb)
+        ctx.kernel_size = kernel_size
+        detached = (t.detach() for t in (q, k, v))  # flex_attention refuses CPU inputs that require grad
+        return _flex_forward(*detached, None if rpb is None else rpb.detach(), kernel_size)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, rpb = ctx.saved_tensors
+        return (*na2d_backward_by_bands(q, k, v, rpb, ctx.kernel_size, grad_out), None)
+
+
 def na2d_flex(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel_size: int) -> Tensor:
     """Neighborhood attention of pre-scaled ``q`` over ``k``/``v`` (all (B, heads, H, W, D)) by compiled flex_attention."""
-    height, width = q.shape[2:4]
     if q.device.type == "cpu" and records_grad(q, k, v, *([] if rpb is None else [rpb])):
-        raise RuntimeError(
-            f"model.attn_impl=fused cannot train on CPU: flex_attention has no CPU backward in torch {torch.__version__}; "
-            "train on CPU with model.attn_impl=auto or reference (the gather kernel)"
-        )
+        return FlexForwardBandedBackward.apply(q, k, v, rpb, kernel_size)
+    return _flex_forward(q, k, v, rpb, kernel_size)
+
+
+def _flex_forward(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel_size: int) -> Tensor:
+    height, width = q.shape[2:4]
     score_mod = None if rpb is None else rpb_score_mod(rpb, width, kernel_size)
     if torch.compiler.is_compiling():  # inside a compiled model (task.compile): traced into its graph, no caches
         attend = flex_attention
@@ -207,7 +280,9 @@ class NeighborhoodAttention2D(nn.Module):
 
 
 __all__ = [
+    "FlexForwardBandedBackward",
     "NeighborhoodAttention2D",
+    "na2d_backward_by_bands",
     "neighborhood_attention",
     "neighborhood_indices",
     "na2d_logits_torch",
