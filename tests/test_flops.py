@@ -99,3 +99,55 @@ def test_count_flops_runs_on_meta_and_restores_training_mode():
     assert count_flops(gate, (1, 4, 6, 6), device="meta") == count_flops(DASGate(4, reduction=0.5), (1, 4, 6, 6))
     assert gate.training
     assert count_params(gate) == sum(p.numel() for p in DASGate(4, reduction=0.5).parameters())
+
+
+def real_flops(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """The count of an eval-mode pass on a real zero image: what the fake-tensor pass must match."""
+    model.eval()
+    with torch.no_grad():
+        return _counts(lambda: model(torch.zeros(shape)))
+
+
+@pytest.mark.parametrize(
+    "name,attn_impl",
+    [("das_resnet_tiny", None), ("das_mobilenet_v2", None), ("dat_nano", "reference"), ("dat_nano", "fused")],
+)
+def test_counting_on_fake_tensors_equals_a_real_pass(name, attn_impl):
+    """Shapes decide every formula, so the shape-only pass (seconds for a 2048x512 segmentor) counts the same;
+    DAT++'s fused kernels are counted as the reference's (the papers' count); models are left usable."""
+    import timm
+
+    import das_lab.models  # noqa: F401  (registers the backbones)
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **({"attn_impl": attn_impl} if attn_impl else {}))
+    reference = timm.create_model(name, num_classes=10, **({"attn_impl": "reference"} if attn_impl else {}))
+    assert count_flops(model.train(), (1, 3, 64, 64)) == sum(real_flops(reference, (1, 3, 64, 64)).values())
+    assert model.training
+    if attn_impl != "fused":  # (a fused forward would compile flex_attention: tested in test_dat_attention.py)
+        with torch.no_grad():
+            assert torch.isfinite(model.eval()(torch.randn(1, 3, 64, 64))).all()
+
+
+def test_a_value_dependent_forward_is_counted_on_a_real_image():
+    class ValueBranch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return y[y > 0]  # output size depends on the values: fake tensors cannot run it
+
+    assert count_flops(ValueBranch(), (1, 3, 8, 8)) == 2 * 4 * 3 * 9 * 36
+
+
+def test_the_das_gate_still_stops_on_non_finite_offsets_after_a_fake_count():
+    from das_lab.errors import NonFiniteError
+
+    gate = DASGate(4, reduction=0.5)
+    count_flops(gate, (1, 4, 6, 6))
+    with torch.no_grad():
+        gate.offset.bias.fill_(float("nan"))
+        with pytest.raises(NonFiniteError):
+            gate(torch.randn(1, 4, 6, 6))

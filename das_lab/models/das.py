@@ -42,6 +42,7 @@ import torch
 from timm.layers import LayerNorm2d
 from timm.models import register_notrace_module
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torchvision.ops import DeformConv2d
 
 from das_lab.errors import NonFiniteError
@@ -147,9 +148,10 @@ class DASGate(nn.Module):
         """Stop on NaN/Inf offsets in eager CPU runs, where torchvision's kernel would crash the process.
 
         Compiled, exported and scripted graphs skip the check: it depends on the data, and they run
-        the finished model, whose loss is checked by the training loop anyway.
+        the finished model, whose loss is checked by the training loop anyway. So do the shape-only
+        fake tensors that FLOP counting traces (``das_lab.utils.flops``): they hold no values.
         """
-        if offsets.device.type == "cpu" and not torch.isfinite(offsets).all():
+        if offsets.device.type == "cpu" and not is_fake(offsets) and not torch.isfinite(offsets).all():
             raise NonFiniteError("the sampling offsets of a DAS gate")
 
     @torch.jit.unused

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from timm.models import register_notrace_module
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from das_lab.models.attention_impl import check_attn_impl, records_grad, use_fused
@@ -228,8 +229,10 @@ def neighborhood_attention(
     """Neighborhood attention of pre-scaled ``q`` over ``k``/``v`` (all (B, heads, H, W, D)).
 
     ``fused`` runs :func:`na2d_flex` (which has no attention dropout), else the gather reference.
+    Shape-only fake tensors (FLOP counting, ``das_lab.utils.flops``) take the reference, whose
+    FLOPs are the papers' count and which fake tensors can run (eager flex_attention they cannot).
     """
-    if fused:
+    if fused and not is_fake(q):
         return na2d_flex(q, k, v, rpb, kernel_size)
     attn = na2d_logits_torch(q, k, rpb, kernel_size).softmax(dim=-1)
     if attn_drop is not None:
