@@ -188,6 +188,23 @@ def test_banded_backward_gives_the_reference_gradients(size, kernel):
         assert max(max_diff(a, b) for a, b in zip(expected, banded)) <= TOL
 
 
+def test_fused_neighborhood_training_under_cpu_bf16_autocast():
+    """The banded backward recomputes under the forward's autocast state (bf16 matmuls, fp32 bias and softmax)."""
+    torch.manual_seed(0)
+    reference, fused = twins(na.NeighborhoodAttention2D(8, 7, 1).train())
+    x = torch.randn(1, 8, 8, 16)
+    results = []
+    for module in (reference, fused):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xi)
+        weighted_mean(out.float()).backward()
+        results.append((out.detach().float(), xi.grad, module.rpb.grad, module.qkv.weight.grad))
+    assert results[1][0].dtype == torch.float32 and results[1][3].dtype == torch.float32
+    for ref, fus in zip(*results):
+        assert max_diff(ref, fus) <= 1e-2 * max(1.0, ref.abs().max().item())
+
+
 def saved_bytes(fn, *inputs: torch.Tensor) -> int:
     """Bytes of the tensors autograd saves for backward while ``fn(*inputs)`` runs (storage counted once)."""
     storages = {}

@@ -182,6 +182,7 @@ class FlexForwardBandedBackward(torch.autograd.Function):
     torch 2.14's flex_attention has no backward. Saves only the inputs."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")  # backward recomputes under the forward's autocast state
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel_size: int) -> Tensor:
         ctx.save_for_backward(q, k, v, rpb)
         ctx.kernel_size = kernel_size
@@ -189,6 +190,7 @@ class FlexForwardBandedBackward(torch.autograd.Function):
         return _flex_forward(*detached, None if rpb is None else rpb.detach(), kernel_size)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, rpb = ctx.saved_tensors
         return (*na2d_backward_by_bands(q, k, v, rpb, ctx.kernel_size, grad_out), None)
