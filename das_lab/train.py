@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from das_lab.callbacks.checkpoint_state import ClassesInCheckpoint, ConfigInCheckpoint, RngStateInCheckpoint
+from das_lab.callbacks.progress import ProgressBar
 from das_lab.callbacks.skipped_images import SkippedImagesReport
 from das_lab.command import Outcome, Run
 from das_lab.loggers import WandbIdInCheckpoint, with_resumed_wandb_id
@@ -87,6 +88,8 @@ def train(cfg: DictConfig, run: Run) -> Outcome:
         RngStateInCheckpoint(),
         WandbIdInCheckpoint(run.loggers),
     ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(ProgressBar(metrics_every_n_steps=cfg.trainer.get("log_every_n_steps", 50)))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=run.loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams({**stored, "params": record.params, "gflops": record.gflops})

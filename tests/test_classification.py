@@ -129,3 +129,59 @@ def test_non_finite_loss_stops_with_clear_error(tmp_path):
     trainer = _trainer(tmp_path, callbacks=[StopOnNonFiniteLoss()])
     with pytest.raises(NonFiniteError, match=r"train/loss became nan at step \d+ \(epoch 0\); training stopped"):
         trainer.fit(_module(net=TinyNet(poison=True)), TinyData(8))
+
+
+class PoisonAtStep(L.Callback):
+    """Turns the network's output to NaN from training step ``step`` on (counted from 0)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.net.poison = trainer.global_step >= self.step
+
+
+@pytest.mark.parametrize("poisoned_step", [3, 7])
+def test_a_non_finite_loss_never_reaches_a_checkpoint_or_another_step(tmp_path, poisoned_step):
+    """The loss is read when the next step starts or before validation and checkpoints (never at the end
+    of its own step, which would stall a GPU): step 7 is the last of epoch 0, step 3 one in its middle."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    steps = []
+    trace = L.Callback()
+    trace.on_train_batch_start = lambda trainer, *args: steps.append(trainer.global_step)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    trainer = _trainer(
+        tmp_path,
+        enable_checkpointing=True,
+        callbacks=[PoisonAtStep(poisoned_step), trace, StopOnNonFiniteLoss(), checkpoints],
+    )
+    with pytest.raises(NonFiniteError, match=rf"train/loss became nan at step {poisoned_step} \(epoch 0\)"):
+        trainer.fit(_module(), TinyData(8))
+    assert max(steps) <= poisoned_step + 1  # the step after the NaN never ran its forward pass
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))  # epoch 0 never ended: nothing was saved
+
+
+def test_progress_bar_reads_training_metrics_at_the_logging_interval(tmp_path, monkeypatch):
+    """Each read waits for the GPU; the bar reads every 4th step here (16 steps), and shows the loss."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from das_lab.callbacks.progress import ProgressBar
+
+    reads = []
+    original = RichProgressBar.get_metrics
+
+    def counted(self, trainer, pl_module):
+        if trainer.training:
+            reads.append(trainer.global_step)
+        return original(self, trainer, pl_module)
+
+    monkeypatch.setattr(RichProgressBar, "get_metrics", counted)
+    bar = ProgressBar(metrics_every_n_steps=4)
+    trainer = _trainer(tmp_path, max_epochs=2, enable_progress_bar=True, callbacks=[bar], limit_val_batches=0)
+    trainer.fit(_module(), TinyData(8))
+    assert trainer.global_step == 16
+    assert reads == [1, 5, 9, 13]  # after steps 1, 5, 9, 13: not after the other 12 (stock bar: all 16)
+    assert "train/loss_step" in bar.get_metrics(trainer, trainer.lightning_module)
+    with pytest.raises(ValueError, match="metrics_every_n_steps=0"):
+        ProgressBar(metrics_every_n_steps=0)

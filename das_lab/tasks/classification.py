@@ -85,7 +85,7 @@ class ClassificationModule(TimmSchedulerMixin, L.LightningModule):
         else:
             loss = self.criterion(self(images), targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images))
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log_learning_rate()
         return loss
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:

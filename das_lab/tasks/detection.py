@@ -207,7 +207,7 @@ class DetectionModule(TimmSchedulerMixin, L.LightningModule):
         for name, value in losses.items():
             key = name if name.startswith("loss_") else f"loss_{name}"
             self.log(f"train/{key}", value, on_step=True, on_epoch=True, batch_size=size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log_learning_rate()
         return loss
 
     def _data(self) -> DetectionData:

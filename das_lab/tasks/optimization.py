@@ -6,6 +6,7 @@ import math
 from typing import Any, Callable, Optional
 
 import lightning as L
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -59,9 +60,18 @@ def configure_timm_optimization(
 
 
 class TimmSchedulerMixin:
-    """Lets Lightning step a timm scheduler, which is not a ``torch.optim.lr_scheduler``."""
+    """Lets Lightning step a timm scheduler, which is not a ``torch.optim.lr_scheduler``, and logs its rate."""
 
     global_step: int
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         scheduler.step_update(num_updates=self.global_step)
+
+    def log_learning_rate(self) -> None:
+        """Log ``train/lr`` (first parameter group) as a CPU tensor.
+
+        Lightning turns a logged Python float into a tensor on the module's device; on a GPU that
+        copy waits for every kernel queued so far, in the middle of each training step.
+        """
+        lr = self.optimizers().param_groups[0]["lr"]
+        self.log("train/lr", torch.tensor(lr, dtype=torch.float32), on_step=True, on_epoch=False)

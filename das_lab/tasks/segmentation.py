@@ -192,7 +192,7 @@ class SegmentationModule(TimmSchedulerMixin, L.LightningModule):
             self.log("train/loss_aux", aux_loss, on_step=True, on_epoch=False, batch_size=size)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         self.log("train/loss_decode", decode_loss, on_step=True, on_epoch=False, batch_size=size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log_learning_rate()
         return loss
 
     def _whole(self, x: torch.Tensor) -> torch.Tensor:
