@@ -65,8 +65,10 @@ def _interpolation(name: str) -> InterpolationMode:
     return _INTERPOLATIONS[name]
 
 
-def _to_normalized_float(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Any]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+def _to_normalized_float(mean: tuple[float, ...], std: tuple[float, ...], inplace: bool = False) -> list[Any]:
+    # inplace: normalise ToDtype's new float tensor (same arithmetic, one allocation fewer); uint8 inputs only,
+    # as ToDtype hands a float32 input back itself
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std), inplace=inplace)]
 
 
 def posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -237,7 +239,7 @@ class BatchNormalize:
         mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
     ) -> None:
-        self.to_normalized_float = v2.Compose(_to_normalized_float(mean, std))
+        self.to_normalized_float = v2.Compose(_to_normalized_float(mean, std, inplace=True))
         self.augment = dict(augment or {})
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
