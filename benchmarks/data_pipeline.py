@@ -8,6 +8,10 @@ other work slows every pipeline alike; the table gives the median rate over the 
 is the median of the per-round ratios, by wall time and by the process's CPU time (the steadier of
 the two on a shared machine). ``--stages`` adds where the time of one image goes in the
 dat_paper pipelines (decode, crop + flip, RandAugment, to float + normalise + erasing).
+dat_paper is also timed ending at the uint8 tensor, as a worker runs it with ``data.normalize_on=device``
+(smaller batches through the pipe too: collation is part of each pass), and the batched step that then
+runs after transfer (``BatchNormalize``: to float, normalise, erase) is timed on uint8 batches in this
+process on the CPU, with one thread and with all of torch's threads (on a GPU that step is a few kernels).
 timm's PIL posterize at 0 bits (drawn at magnitude 10 by rand-m9-mstd0.5-inc1) raises in Pillow >= 12,
 so timm's RandAugment runs here with das-lab's posterize (``use_safe_posterize``), as das-lab's own
 PIL fallback does; that op is as cheap as Pillow's.
@@ -31,7 +35,13 @@ from torchvision.datasets import ImageFolder
 
 from das_lab.data.datasets import ImageSampleDataset
 from das_lab.data.decode import read_rgb
-from das_lab.data.transforms import TimmPILTransform, build_eval_transform, build_train_transform, use_safe_posterize
+from das_lab.data.transforms import (
+    BatchNormalize,
+    TimmPILTransform,
+    build_eval_transform,
+    build_train_transform,
+    use_safe_posterize,
+)
 
 BASIC = {"scale": [0.08, 1.0], "ratio": [0.75, 1.3333333], "hflip": 0.5, "interpolation": "bilinear"}
 DAT_PAPER = {
@@ -127,13 +137,33 @@ def stage_times(samples: list[tuple[str, int]], size: int) -> dict[str, list[flo
     return table
 
 
+def batch_normalize_ms(size: int, batch: int, rounds: int, threads: int) -> dict[str, tuple[float, float, float]]:
+    """Wall ms per image (median, min, max over ``rounds`` batches) of ``BatchNormalize`` on a uint8 batch,
+    training (dat_paper's erasing) and eval, with ``threads`` torch threads in this process."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    steps = {"train": BatchNormalize(DAT_PAPER), "eval": BatchNormalize()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(rounds + 1):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(images)
+            if round_index:  # the first round warms up
+                times[name].append(1e3 * (time.perf_counter() - start) / batch)
+    torch.set_num_threads(saved)
+    return {name: (statistics.median(ms), min(ms), max(ms)) for name, ms in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--stages", action="store_true", help="also time each stage of the dat_paper pipelines")
+    parser.add_argument("--batch", type=int, default=128, help="batch size of the batched normalise + erase")
     args = parser.parse_args()
+    all_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker runs with one thread; measure the same here
     with tempfile.TemporaryDirectory() as tmp:
         samples = make_jpegs(Path(tmp), args.images)
@@ -163,9 +193,13 @@ def main() -> None:
             "eval             timm: PIL + create_transform(is_training=False)": ImageFolder(
                 tmp, transform=create_transform(args.size, is_training=False)
             ),
+            "train dat_paper  das-lab, ending at uint8 (data.normalize_on=device)": ImageSampleDataset(
+                samples, build_train_transform(args.size, DAT_PAPER, normalize=False), False
+            ),
         }
         rates = interleaved_rates(pipelines, args.repeats)
         stages = stage_times(samples[: min(len(samples), 100)], args.size) if args.stages else {}
+    batched = {threads: batch_normalize_ms(args.size, args.batch, 20, threads) for threads in sorted({1, all_threads})}
     names = list(pipelines)
     width = max(map(len, names))
     print(f"{args.images} JPEGs 500x375 -> {args.size}px, one process, 1 thread, {args.repeats} interleaved rounds")
@@ -182,6 +216,20 @@ def main() -> None:
         for clock in ("wall", "cpu"):
             ratio, low, high = median_ratio(rates[clock], names[das], names[timm])
             print(f"{label:22s} das-lab / timm by {clock} time: {ratio:.2f}x (per-round {low:.2f} - {high:.2f})")
+    for clock in ("wall", "cpu"):
+        ratio, low, high = median_ratio(rates[clock], names[7], names[0])
+        print(
+            f"dat_paper worker ending at uint8 / at normalised + erased float by {clock} time: {ratio:.2f}x "
+            f"(per-round {low:.2f} - {high:.2f})"
+        )
+    print(
+        f"\nafter transfer, BatchNormalize on uint8 batches of {args.batch}x3x{args.size}x{args.size} on the CPU, "
+        "wall ms per image: median (min - max) over 20 batches"
+    )
+    for threads, steps in batched.items():
+        for name, (median, low, high) in steps.items():
+            what = "to float, normalise, erase (dat_paper)" if name == "train" else "to float, normalise (eval)"
+            print(f"  {threads} thread(s)  {what:40s} {median:.3f} ({low:.3f} - {high:.3f})")
     if stages:
         print("\ndat_paper, mean CPU ms per image by stage (das-lab tensor | timm PIL):")
         for stage, (das_ms, timm_ms) in stages.items():

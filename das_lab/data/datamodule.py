@@ -3,7 +3,14 @@
 ``DataModuleBase`` turns the datasets a subclass builds into loaders (epoch-seeded shuffling,
 unpadded distributed evaluation). ``ImageClassificationDataModule`` adds what every image-folder
 dataset shares: recipe transforms, the corrupt-file policy (``data.skip_corrupt``, reported by
-:class:`das_lab.callbacks.skipped_images.SkippedImagesReport`), layout errors and split checks.
+:class:`das_lab.callbacks.skipped_images.SkippedImagesReport`), layout errors and split checks, and
+where images are normalised (``data.normalize_on``): in the loader workers, per image, or on the
+whole batch after it reached the trainer's device (uint8 batches cross the worker pipes and the
+host-to-device copy: a quarter of float32's bytes, and the workers skip conversion, normalisation
+and erasing). ``auto`` picks the device on a CUDA GPU, where that work costs next to nothing; on a
+CPU it would move work from the parallel workers into the training process, so ``auto`` keeps it in
+the workers there. Only a trainer transfers batches: without one (data verify, or code reading the
+datasets) the datasets give normalised images whatever the option says.
 """
 
 from __future__ import annotations
@@ -20,9 +27,42 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from das_lab.data.datasets import ImageSampleDataset
-from das_lab.data.transforms import build_eval_transform, build_train_transform, normalize_augment
+from das_lab.data.transforms import (
+    BatchNormalize,
+    Transform,
+    build_eval_transform,
+    build_train_transform,
+    normalize_augment,
+)
+from das_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+NORMALIZE_ON = ("auto", "workers", "device")
+
+
+def check_normalize_on(option: str) -> str:
+    """Refuse a ``data.normalize_on`` value other than auto, workers or device."""
+    if option not in NORMALIZE_ON:
+        raise ConfigError(
+            f"data.normalize_on={option}: expected one of {', '.join(NORMALIZE_ON)} "
+            "(device: normalise whole batches after transfer; auto: device on a CUDA GPU, workers otherwise)"
+        )
+    return option
+
+
+def resolve_normalize_on(option: str, root_device: Optional[torch.device]) -> str:
+    """Where images are normalised: ``device`` (batches, after transfer) or ``workers`` (each image in the loader).
+
+    ``root_device`` is the trainer's (None without a trainer: nothing transfers batches then, so the
+    datasets must give normalised images).
+    """
+    if root_device is None:
+        return "workers"
+    if option == "auto":
+        return "device" if root_device.type == "cuda" else "workers"
+    return option
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -133,7 +173,9 @@ class ImageClassificationDataModule(DataModuleBase):
     ``read_splits`` (parse their on-disk format) and may override
     ``make_dataset`` (e.g. to crop to bounding boxes). ``setup`` builds the three datasets; the
     training transform comes from ``train_augment`` (set by ``conf/recipe``), eval from
-    ``crop_pct`` and ``eval_interpolation``.
+    ``crop_pct`` and ``eval_interpolation``. ``train_transform`` and ``eval_transform`` always end
+    in normalised float images (visualize and predict use them); the datasets run them whole, or up
+    to the uint8 tensor when ``setup`` decides to normalise on the device (``normalize_on``).
     """
 
     dataset_name = "images"
@@ -154,6 +196,7 @@ class ImageClassificationDataModule(DataModuleBase):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         prefetch_factor: Optional[int] = None,
+        normalize_on: str = "auto",
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor)
         if num_classes < 1:
@@ -167,6 +210,9 @@ class ImageClassificationDataModule(DataModuleBase):
         self.eval_interpolation = eval_interpolation
         self.eval_transform = build_eval_transform(image_size, crop_pct, eval_interpolation)
         self.skip_corrupt = skip_corrupt
+        self.normalize_on = check_normalize_on(normalize_on)
+        self.normalized_on = "workers"  # decided in setup, once a trainer may be attached
+        self.batch_transforms: dict[str, BatchNormalize] = {}
         self.layout = ""
         self.expected_sizes: dict[str, int] = {}
 
@@ -179,6 +225,30 @@ class ImageClassificationDataModule(DataModuleBase):
             "crop_pct": self.crop_pct,
             "interpolation": self.eval_interpolation,
         }
+
+    def dataset_transforms(self) -> tuple[Transform, Transform]:
+        """Decide where images are normalised; the (train, eval) transforms the datasets run accordingly."""
+        root_device = self.trainer.strategy.root_device if self.trainer is not None else None
+        self.normalized_on = resolve_normalize_on(self.normalize_on, root_device)
+        where = "per image in the loader workers" if self.normalized_on == "workers" else "per batch after transfer"
+        log.info("data.normalize_on=%s: images are normalised %s", self.normalize_on, where)
+        if self.normalized_on == "workers":
+            self.batch_transforms = {}
+            return self.train_transform, self.eval_transform
+        self.batch_transforms = {"train": BatchNormalize(self.train_augment), "eval": BatchNormalize()}
+        return (
+            build_train_transform(self.image_size, self.train_augment, normalize=False),
+            build_eval_transform(self.image_size, self.crop_pct, self.eval_interpolation, normalize=False),
+        )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``normalize_on`` resolved to device: normalise (and in training erase) the uint8 batch on its device."""
+        if not self.batch_transforms:
+            return batch
+        images, labels = batch
+        images = self.batch_transforms["train" if self.trainer.training else "eval"](images)
+        # Lightning casts float inputs for true-half precision before the transfer, when these were still uint8
+        return self.trainer.precision_plugin.convert_input(images), labels
 
     def layout_error(self, detail: str) -> FileNotFoundError:
         """The one setup error for a missing or misplaced dataset: what is wrong, the expected tree, where to get it."""
@@ -224,11 +294,10 @@ class ImageClassificationDataModule(DataModuleBase):
                 raise ValueError(f"{self.dataset_name} in {self.root}: the {split} split is empty; check the dataset")
         self.class_names = splits.class_names
         self.expected_sizes = splits.expected_sizes
-        self.train_set = self.make_dataset(splits.train, self.train_transform)
-        self.val_set = self.make_dataset(splits.val, self.eval_transform)
-        self.test_set = (
-            self.val_set if splits.test is splits.val else self.make_dataset(splits.test, self.eval_transform)
-        )
+        train_transform, eval_transform = self.dataset_transforms()
+        self.train_set = self.make_dataset(splits.train, train_transform)
+        self.val_set = self.make_dataset(splits.val, eval_transform)
+        self.test_set = self.val_set if splits.test is splits.val else self.make_dataset(splits.test, eval_transform)
         log.info(
             "%s: %s; %d classes; train %d, val %d, test %d images",
             self.dataset_name,

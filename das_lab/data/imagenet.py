@@ -132,6 +132,7 @@ class ImageNetDataModule(ShardsFormat, ImageClassificationDataModule):
         persistent_workers: bool = False,
         prefetch_factor: Optional[int] = None,
         format: str = "folder",
+        normalize_on: str = "auto",
     ) -> None:
         super().__init__(
             root,
@@ -146,6 +147,7 @@ class ImageNetDataModule(ShardsFormat, ImageClassificationDataModule):
             pin_memory,
             persistent_workers,
             prefetch_factor,
+            normalize_on,
         )
         if max_per_class is not None and max_per_class < 1:
             raise ValueError(f"data.max_per_class={max_per_class}: expected null (all images) or a positive integer")

@@ -250,6 +250,7 @@ class ShardsFormat:
         self.expected_sizes = dict(metadata["expected_sizes"])
         self.layout = f"LitData shards in {self.location} (converted from {metadata['source']})"
         seed = torch.initial_seed() % 2**32  # the run's seed (seed_everything); numpy's RNG takes 32 bits
+        train_transform, eval_transform = self.dataset_transforms()
         made: dict[str, ImageShardDataset] = {}
         for split in SPLITS:
             entry = metadata["splits"][split]
@@ -257,7 +258,7 @@ class ShardsFormat:
                 made[entry["dir"]] = ImageShardDataset(
                     join(self.location, entry["dir"]),
                     shard_cache_dir(self.shards_cache_dir, self.location, entry["dir"]),
-                    self.train_transform if split == "train" else self.eval_transform,
+                    train_transform if split == "train" else eval_transform,
                     shuffle=split == "train",
                     seed=seed,
                     class_counts=entry["class_counts"],

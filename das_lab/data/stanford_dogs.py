@@ -109,6 +109,7 @@ class StanfordDogsDataModule(ShardsFormat, ImageClassificationDataModule):
         persistent_workers: bool = False,
         prefetch_factor: Optional[int] = None,
         format: str = "folder",
+        normalize_on: str = "auto",
     ) -> None:
         super().__init__(
             root,
@@ -123,6 +124,7 @@ class StanfordDogsDataModule(ShardsFormat, ImageClassificationDataModule):
             pin_memory,
             persistent_workers,
             prefetch_factor,
+            normalize_on,
         )
         if not 0 <= val_per_class < 100:
             raise ValueError(

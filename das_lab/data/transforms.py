@@ -11,6 +11,9 @@ PIL's arithmetic, then normalisation and timm's ``RandomErasing`` on the float t
 ``create_transform`` does, in the same order, with the same parameter draws, without PIL.
 Recipes the tensor ops do not cover (AugMix, the '3a' ops, hue jitter, other interpolations) run
 ``TimmPILTransform``: timm's own PIL pipeline, whose reason is logged once and kept in its repr.
+With ``normalize=False`` both paths stop at the uint8 tensor (timm's ``create_transform`` has the same
+switch) and ``BatchNormalize`` does the rest on a whole batch, wherever it is: float conversion,
+normalisation and, in training, timm's ``RandomErasing`` with its per-image draws (timm's batched call).
 Posterizing to 0 bits is a black image on both paths: timm's RandAugment asks Pillow for 0 bits
 at magnitude 10 (``PosterizeIncreasing``, reached by ``mstd`` noise around m9), which Pillow >= 12
 refuses with a ValueError, so the PIL path's posterize ops use das-lab's ``posterize``. Eval
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -62,8 +65,10 @@ def _interpolation(name: str) -> InterpolationMode:
     return _INTERPOLATIONS[name]
 
 
-def _to_normalized_float(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Any]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+def _to_normalized_float(mean: tuple[float, ...], std: tuple[float, ...], inplace: bool = False) -> list[Any]:
+    # inplace: normalise ToDtype's new float tensor (same arithmetic, one allocation fewer); uint8 inputs only,
+    # as ToDtype hands a float32 input back itself
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std), inplace=inplace)]
 
 
 def posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -137,13 +142,29 @@ class TimmPILTransform:
         return f"{type(self).__name__}(reason={self.reason!r}, transform={self.timm_transform!r})"
 
 
+def random_erasing(augment: Mapping[str, Any], device: Union[str, torch.device]) -> Optional[RandomErasing]:
+    """timm's RandomErasing with the recipe's ``re_prob``, ``re_mode`` and ``re_count`` (None: the recipe does not erase).
+
+    ``device`` is where timm draws the noise of 'rand' and 'pixel' erasing: the device of the images.
+    """
+    if augment.get("re_prob", 0.0) <= 0:
+        return None
+    return RandomErasing(
+        augment["re_prob"], mode=augment.get("re_mode", "const"), max_count=augment.get("re_count", 1), device=device
+    )
+
+
 def build_train_transform(
     image_size: int,
     augment: Mapping[str, Any],
     mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+    normalize: bool = True,
 ) -> Transform:
-    """The training transform of a recipe: uint8 RGB tensor in, normalized float tensor out."""
+    """The training transform of a recipe: uint8 RGB tensor in, normalized (and erased) float tensor out.
+
+    ``normalize=False`` stops at the augmented uint8 tensor, for ``BatchNormalize`` after transfer.
+    """
     unknown = set(augment) - TRAIN_AUGMENT_KEYS
     if unknown:
         raise ValueError(
@@ -157,7 +178,8 @@ def build_train_transform(
         kwargs = {key: value for key, value in augment.items() if value is not None}
         kwargs.update(scale=scale, ratio=ratio)
         return TimmPILTransform(
-            create_transform(image_size, is_training=True, mean=mean, std=std, **kwargs), fallback_reason
+            create_transform(image_size, is_training=True, mean=mean, std=std, normalize=normalize, **kwargs),
+            fallback_reason,
         )
     ops: list[Any] = [
         v2.RandomResizedCrop(
@@ -174,16 +196,11 @@ def build_train_transform(
         ops.append(v2.RandomVerticalFlip(augment["vflip"]))
     if colour_step is not None:
         ops.append(colour_step)
-    ops += _to_normalized_float(mean, std)
-    if augment.get("re_prob", 0.0) > 0:
-        ops.append(
-            RandomErasing(
-                augment["re_prob"],
-                mode=augment.get("re_mode", "const"),
-                max_count=augment.get("re_count", 1),
-                device="cpu",
-            )
-        )
+    if normalize:
+        ops += _to_normalized_float(mean, std)
+        erasing = random_erasing(augment, "cpu")
+        if erasing is not None:
+            ops.append(erasing)
     return v2.Compose(ops)
 
 
@@ -193,8 +210,12 @@ def build_eval_transform(
     interpolation: str,
     mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+    normalize: bool = True,
 ) -> Transform:
-    """Resize the shorter side to image_size / crop_pct, centre-crop, normalize (the papers' eval)."""
+    """Resize the shorter side to image_size / crop_pct, centre-crop, normalize (the papers' eval).
+
+    ``normalize=False`` stops at the uint8 crop, for ``BatchNormalize`` after transfer.
+    """
     if not 0 < crop_pct <= 1:
         raise ValueError(f"data.crop_pct={crop_pct}: expected a fraction in (0, 1], e.g. 0.875")
     resize = math.floor(image_size / crop_pct)
@@ -202,7 +223,37 @@ def build_eval_transform(
         v2.Resize(resize, interpolation=_interpolation(interpolation), antialias=True),
         v2.CenterCrop(image_size),
     ]
-    return v2.Compose(ops + _to_normalized_float(mean, std))
+    return v2.Compose(ops + _to_normalized_float(mean, std) if normalize else ops)
+
+
+class BatchNormalize:
+    """The steps ``normalize=False`` leaves out, on a whole uint8 batch wherever it lies: to float, normalise, erase.
+
+    ``augment`` is the recipe of a training batch (its ``re_*`` keys drive timm's RandomErasing, one
+    draw per image as in timm's batched call); ``None`` for evaluation batches.
+    """
+
+    def __init__(
+        self,
+        augment: Optional[Mapping[str, Any]] = None,
+        mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+        std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+    ) -> None:
+        self.to_normalized_float = v2.Compose(_to_normalized_float(mean, std, inplace=True))
+        self.augment = dict(augment or {})
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise TypeError(
+                f"BatchNormalize takes the uint8 batches (N, 3, H, W) of transforms built with normalize=False; "
+                f"got {images.dtype} {tuple(images.shape)}"
+            )
+        images = self.to_normalized_float(images)
+        erasing = random_erasing(self.augment, images.device)
+        return images if erasing is None else erasing(images)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_normalized_float!r}, erasing={random_erasing(self.augment, 'cpu')!r})"
 
 
 def normalize_augment(augment: Mapping[str, Any]) -> dict[str, Any]:
