@@ -14,7 +14,8 @@ Four checks, each in one process except the last, each timed after warm-up:
    loop with the same network, optimizer, loss, precision and in-memory batches: the time ratio's
    goal is <= 1.05 (rounds alternate between the two loops);
 4. ``das-lab train`` end to end on a generated ImageNet-format JPEG folder (500x375 images,
-   ``data=imagenet``): training img/s and the fraction of the training loop the accelerator waits
+   ``data=imagenet``), once normalising in the loader workers and once on the device after transfer
+   (``data.normalize_on``): training img/s and the fraction of the training loop the accelerator waits
    for the data loader (steps are synchronised; near 0: compute-bound, large: loader-bound). The
    generated images are solid colours (tests/fake_datasets.py), which decode faster than photos, so
    the real loader share is higher than measured.
@@ -359,59 +360,71 @@ def write_imagenet_folder(root: Path, per_class: int) -> Path:
     return root
 
 
+NORMALIZE_ON = ("workers", "device")
+
+
 def check_end_to_end(device: torch.device, sizes: Sizes, precision: str, workers: int) -> dict[str, Any]:
-    """``das-lab train`` for one epoch on generated JPEGs: img/s and the loader-wait fraction."""
+    """``das-lab train`` for one epoch on generated JPEGs, normalising in the workers and on the device
+    (``data.normalize_on``, one run each on the same folder): img/s and the loader-wait fraction."""
     with tempfile.TemporaryDirectory(prefix="das-lab-gpu-check-") as tmp:
         root = write_imagenet_folder(Path(tmp) / "imagenet", sizes.e2e_images_per_class)
-        result = Path(tmp) / "loader_wait.json"
-        overrides = [
-            "data=imagenet",
-            f"data.root={root}",
-            f"data.num_classes={len(IMAGENET_WNIDS)}",
-            f"data.image_size={sizes.image}",
-            f"data.batch_size={sizes.batch}",
-            f"data.num_workers={workers}",
-            f"data.persistent_workers={workers > 0}",
-            f"data.prefetch_factor={2 if workers else 'null'}",
-            f"data.pin_memory={device.type == 'cuda'}",
-            f"model={sizes.e2e_model}",
-            f"trainer.accelerator={device.type}",
-            f"trainer.precision={LIGHTNING_PRECISION[precision]}",
-            f"task.channels_last={device.type == 'cuda'}",
-            "trainer.max_epochs=1",
-            "trainer.limit_val_batches=0",
-            "trainer.num_sanity_val_steps=0",
-            "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false",
-            "test=false",
-            "logger=none",
-            "callbacks=none",
-            f"hydra.run.dir={Path(tmp) / 'run'}",
-            "+callbacks.loader_wait._target_=gpu_check.LoaderWait",
-            f"+callbacks.loader_wait.out={result}",
-        ]
-        command = [str(Path(sys.executable).with_name("das-lab")), "train", *overrides]
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, (str(BENCHMARKS), os.environ.get("PYTHONPATH")))),
+        runs = {
+            mode: train_end_to_end(device, sizes, precision, workers, root, Path(tmp) / mode, mode)
+            for mode in NORMALIZE_ON
         }
-        start = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"das-lab train failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-            )
-        measured = json.loads(result.read_text())
     return {
         "model": sizes.e2e_model,
         "batch": sizes.batch,
         "image": sizes.image,
         "workers": workers,
         "train_images": sizes.e2e_images_per_class * len(IMAGENET_WNIDS),
-        "command_wall_s": wall,
-        **measured,
+        "normalize_on": runs,
     }
+
+
+def train_end_to_end(
+    device: torch.device, sizes: Sizes, precision: str, workers: int, root: Path, folder: Path, normalize_on: str
+) -> dict[str, Any]:
+    """One ``das-lab train`` epoch on ``root`` with ``data.normalize_on``: what :class:`LoaderWait` measured, and the wall time."""
+    result = folder / "loader_wait.json"
+    overrides = [
+        "data=imagenet",
+        f"data.root={root}",
+        f"data.num_classes={len(IMAGENET_WNIDS)}",
+        f"data.image_size={sizes.image}",
+        f"data.batch_size={sizes.batch}",
+        f"data.num_workers={workers}",
+        f"data.persistent_workers={workers > 0}",
+        f"data.prefetch_factor={2 if workers else 'null'}",
+        f"data.pin_memory={device.type == 'cuda'}",
+        f"data.normalize_on={normalize_on}",
+        f"model={sizes.e2e_model}",
+        f"trainer.accelerator={device.type}",
+        f"trainer.precision={LIGHTNING_PRECISION[precision]}",
+        f"task.channels_last={device.type == 'cuda'}",
+        "trainer.max_epochs=1",
+        "trainer.limit_val_batches=0",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "test=false",
+        "logger=none",
+        "callbacks=none",
+        f"hydra.run.dir={folder / 'run'}",
+        "+callbacks.loader_wait._target_=gpu_check.LoaderWait",
+        f"+callbacks.loader_wait.out={result}",
+    ]
+    command = [str(Path(sys.executable).with_name("das-lab")), "train", *overrides]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, (str(BENCHMARKS), os.environ.get("PYTHONPATH")))),
+    }
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"das-lab train failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return {"command_wall_s": wall, **json.loads(result.read_text())}
 
 
 # ----------------------------------------------------------------------------- report
@@ -449,14 +462,15 @@ def table(results: dict[str, Any]) -> str:
             "<= 1.05",
         ]
     )
-    rows.append(
-        [
-            f"das-lab train end to end ({e2e['workers']} workers)",
-            f"{e2e['img_s']:.1f} img/s",
-            e2e["loader_wait_fraction"],
-            "loader-wait share (0: compute-bound)",
-        ]
-    )
+    for mode in NORMALIZE_ON:
+        rows.append(
+            [
+                f"das-lab train end to end ({e2e['workers']} workers, normalize_on={mode})",
+                f"{e2e['normalize_on'][mode]['img_s']:.1f} img/s",
+                e2e["normalize_on"][mode]["loader_wait_fraction"],
+                "loader-wait share (0: compute-bound)",
+            ]
+        )
     return markdown_table(("check", "measured", "value", "goal / meaning"), [measured(row) for row in rows])
 
 
