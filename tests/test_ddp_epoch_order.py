@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import Dataset
 
+from das_lab.callbacks.checkpoint_state import RngStateInCheckpoint
 from das_lab.data.datamodule import DataModuleBase
 
 
@@ -76,3 +80,59 @@ def test_ddp_epochs_draw_new_orders_and_split_the_data(tmp_path):
         assert [records[rank, epoch]["sampler_epoch"] for rank in (0, 1)] == [epoch, epoch]
     for rank in (0, 1):
         assert records[rank, 0]["seen"] != records[rank, 1]["seen"], f"rank {rank} repeated its epoch 0 order"
+
+
+class _RecordDraws(_RecordOrder):
+    """Also writes the python, numpy and torch draws each rank's training steps made."""
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__(out_dir)
+        self.draws: list[list[float]] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.draws.append([random.random(), float(np.random.rand()), float(torch.rand(()))])
+        return super().training_step(batch, batch_idx)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        path = Path(self.out_dir) / f"draws_rank{self.global_rank}_epoch{self.current_epoch}.json"
+        path.write_text(json.dumps(self.draws))
+        self.draws = []
+
+
+def _fit_two_ranks(out_dir: Path, ckpt_dir: Path, max_epochs: int, ckpt_path: str | None = None) -> None:
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=max_epochs,
+        logger=False,
+        callbacks=[RngStateInCheckpoint(), ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, filename="{epoch}")],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_RecordDraws(str(out_dir)), datamodule=_IndexData(batch_size=4, num_workers=0), ckpt_path=ckpt_path)
+
+
+def test_ddp_ranks_draw_their_own_augmentations_and_resume_them(tmp_path):
+    """One seed for all ranks would give every rank the same Mixup/erasing/drop-path draws; the data
+    order must still be shared (the ranks split one permutation) and a resumed rank continue its stream."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    full.mkdir(), resumed.mkdir()
+    _fit_two_ranks(full, tmp_path / "ckpt", max_epochs=2)
+
+    def read(folder: Path, name: str, rank: int, epoch: int):
+        return json.loads((folder / f"{name}rank{rank}_epoch{epoch}.json").read_text())
+
+    for epoch in (0, 1):
+        seen = read(full, "", 0, epoch)["seen"] + read(full, "", 1, epoch)["seen"]
+        assert sorted(seen) == list(range(32))
+        for source in range(3):  # python, numpy, torch
+            assert [d[source] for d in read(full, "draws_", 0, epoch)] != [
+                d[source] for d in read(full, "draws_", 1, epoch)
+            ]
+    _fit_two_ranks(resumed, tmp_path / "ckpt_resumed", max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    for rank in (0, 1):
+        assert read(resumed, "draws_", rank, 1) == read(full, "draws_", rank, 1)
+        assert read(resumed, "", rank, 1)["seen"] == read(full, "", rank, 1)["seen"]

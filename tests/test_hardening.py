@@ -42,6 +42,7 @@ def _popen(args: list[str], cwd: Path) -> subprocess.Popen:
     """``das-lab ARGS`` in the background; its stderr goes to ``cwd/stderr.txt`` (a pipe nobody reads would fill)."""
     env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "HYDRA_FULL_ERROR")}
     env["DAS_LAB_LOGS"] = str(cwd)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(Path(__file__).parent), env.get("PYTHONPATH"))))
     with open(cwd / "stderr.txt", "w") as stderr:
         return subprocess.Popen([DAS_LAB, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
 
@@ -101,8 +102,13 @@ def test_sweep_records_a_job_killed_by_a_signal_and_goes_on(tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_records_interrupted_and_prints_the_resume_command(tmp_path, signum):
-    process = _popen(["train", *LONG], tmp_path)
-    last = _wait_for("outputs/*/*/checkpoints/last.ckpt", tmp_path, process)
+    pause = [
+        "+callbacks.pause._target_=pause_callback.PauseAtEpoch",
+        f"+callbacks.pause.ready_file={tmp_path / 'ready'}",
+    ]
+    process = _popen(["train", *LONG, *pause], tmp_path)
+    _wait_for("ready", tmp_path, process)  # epoch 0 checkpointed, epoch 1 held until the signal lands
+    (last,) = tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")
     process.send_signal(signum)
     stderr = _finish(process, tmp_path)
     assert process.returncode == 128 + signum, stderr[-3000:]

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from das_lab.utils.seeding import run_seed, seed_rank_streams
+
 CONFIG_KEY = "das_lab_config"
 CLASSES_KEY = "das_lab_classes"
 RNG_KEY = "das_lab_rng_states"
@@ -64,12 +66,40 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def gather_per_rank(states: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's ``states`` in rank order (a list of one without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [states]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, states)
+    return gathered
+
+
 class RngStateInCheckpoint(Callback):
-    """Saves and restores the RNG states, so a resumed run draws what the uninterrupted one would."""
+    """Per-rank random streams under DDP, saved and restored per rank, so a resumed run draws what the
+    uninterrupted one would.
+
+    ``seed_everything`` gives every rank the same seed, so without this each rank's training step
+    would draw the same Mixup/CutMix mixes, erasing boxes and drop-path masks. A fresh run reseeds
+    each rank from the run's seed and its rank when training starts (after the loaders took their
+    shuffling seed, which must stay the same on every rank); checkpoints keep every rank's states and
+    a resumed rank takes its own (with another world size, rank ``r`` takes saved rank ``r % n``).
+    """
+
+    def __init__(self) -> None:
+        self.restored = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1 and not self.restored:
+            seed_rank_streams(run_seed(), trainer.global_rank)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint[RNG_KEY] = collect_rng_states()
+        checkpoint[RNG_KEY] = {"per_rank": gather_per_rank(collect_rng_states())}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if RNG_KEY in checkpoint:
-            restore_rng_states(checkpoint[RNG_KEY])
+        saved = checkpoint.get(RNG_KEY)
+        if saved is None:
+            return
+        per_rank = saved.get("per_rank", [saved])  # checkpoints before per-rank states held one rank's
+        restore_rng_states(per_rank[trainer.global_rank % len(per_rank)])
+        self.restored = True

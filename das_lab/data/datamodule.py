@@ -35,6 +35,7 @@ from das_lab.data.transforms import (
     normalize_augment,
 )
 from das_lab.errors import ConfigError
+from das_lab.utils.seeding import run_seed
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class DataModuleBase(L.LightningDataModule):
     def _loader(self, dataset: Optional[Dataset], shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a loader")
-        sampler = EpochSeededSampler(len(dataset), torch.initial_seed()) if shuffle else self._eval_sampler(dataset)
+        sampler = EpochSeededSampler(len(dataset), run_seed()) if shuffle else self._eval_sampler(dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -35,6 +35,7 @@ from litdata.utilities.env import _DistributedEnv
 
 from das_lab.data.decode import CorruptImageError, decode_rgb
 from das_lab.errors import ConfigError, UserError
+from das_lab.utils.seeding import run_seed
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ class ShardsFormat:
         self.class_names = list(metadata["class_names"])
         self.expected_sizes = dict(metadata["expected_sizes"])
         self.layout = f"LitData shards in {self.location} (converted from {metadata['source']})"
-        seed = torch.initial_seed() % 2**32  # the run's seed (seed_everything); numpy's RNG takes 32 bits
+        seed = run_seed() % 2**32  # numpy's RNG takes 32 bits
         train_transform, eval_transform = self.dataset_transforms()
         made: dict[str, ImageShardDataset] = {}
         for split in SPLITS:

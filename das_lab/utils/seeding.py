@@ -1,0 +1,28 @@
+"""The run's seed and per-rank random streams: one data order for every DDP rank, its own draws for each."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def run_seed() -> int:
+    """The seed the run gave ``lightning.seed_everything`` (``PL_GLOBAL_SEED``, the same on every rank and
+    after a resume restored RNG states); without one, torch's initial seed."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else torch.initial_seed()
+
+
+def seed_rank_streams(base_seed: int, rank: int) -> None:
+    """Reseed torch (CPU and CUDA), numpy and python for ``rank``: ranks then draw their own Mixup,
+    erasing, dropout and drop-path randomness, as timm's training script seeds ``seed + rank``."""
+    seed = (base_seed + rank) % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+__all__ = ["run_seed", "seed_rank_streams"]
