@@ -15,7 +15,7 @@ import lightning as L
 
 
 class PauseAtEpoch(L.Callback):
-    def __init__(self, ready_file: str, epoch: int = 1, timeout: float = 120.0) -> None:
+    def __init__(self, ready_file: str, epoch: int = 1, timeout: float = 60.0) -> None:
         self.ready_file = Path(ready_file)
         self.epoch = epoch
         self.timeout = timeout

@@ -44,7 +44,20 @@ def _popen(args: list[str], cwd: Path) -> subprocess.Popen:
     env["DAS_LAB_LOGS"] = str(cwd)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(Path(__file__).parent), env.get("PYTHONPATH"))))
     with open(cwd / "stderr.txt", "w") as stderr:
-        return subprocess.Popen([DAS_LAB, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        return subprocess.Popen(
+            [DAS_LAB, *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=_interruptible,
+        )
+
+
+def _interruptible() -> None:
+    """SIGINT as at a terminal: a shell starts background jobs (e.g. a CI script run with ``&``) with SIGINT
+    ignored, and Python keeps an inherited ignore, so Ctrl+C would never reach the run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _finish(process: subprocess.Popen, cwd: Path) -> str:
