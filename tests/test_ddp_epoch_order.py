@@ -117,7 +117,7 @@ def _fit_two_ranks(out_dir: Path, ckpt_dir: Path, max_epochs: int, ckpt_path: st
 
 def test_ddp_ranks_draw_their_own_augmentations_and_resume_them(tmp_path):
     """One seed for all ranks would give every rank the same Mixup/erasing/drop-path draws; the data
-    order must still be shared (the ranks split one permutation) and a resumed rank continue its stream."""
+    order must still be shared (the ranks split one permutation) and a resumed rank draw what it drew uninterrupted."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     full.mkdir(), resumed.mkdir()
     _fit_two_ranks(full, tmp_path / "ckpt", max_epochs=2)

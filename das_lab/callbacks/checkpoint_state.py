@@ -66,40 +66,29 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def gather_per_rank(states: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every rank's ``states`` in rank order (a list of one without a process group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [states]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, states)
-    return gathered
-
-
 class RngStateInCheckpoint(Callback):
-    """Per-rank random streams under DDP, saved and restored per rank, so a resumed run draws what the
-    uninterrupted one would.
+    """Saves and restores the RNG states, so a resumed run draws what the uninterrupted one would; under
+    DDP, gives every rank its own random stream.
 
-    ``seed_everything`` gives every rank the same seed, so without this each rank's training step
-    would draw the same Mixup/CutMix mixes, erasing boxes and drop-path masks. A fresh run reseeds
-    each rank from the run's seed and its rank when training starts (after the loaders took their
-    shuffling seed, which must stay the same on every rank); checkpoints keep every rank's states and
-    a resumed rank takes its own (with another world size, rank ``r`` takes saved rank ``r % n``).
+    ``seed_everything`` gives every rank the same seed, so each rank's training step would draw the
+    same Mixup/CutMix mixes, erasing boxes and drop-path masks. Under DDP each rank therefore reseeds
+    at the first batch of every epoch from (the run's seed, its rank, the epoch), after the epoch's
+    loader has drawn its workers' seed (from rank 0's stream, the state a checkpoint keeps): a run
+    resumed from an epoch's checkpoint then draws what the uninterrupted one did, with no per-rank
+    states gathered into the checkpoint (a collective there could hold a rank that a requeue signal
+    let go). Resumed mid-epoch, the ranks share rank 0's stream until the next epoch. The loaders'
+    shuffling seed is the run's seed on every rank (``das_lab.utils.seeding.run_seed``).
     """
 
-    def __init__(self) -> None:
-        self.restored = False
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size > 1 and not self.restored:
-            seed_rank_streams(run_seed(), trainer.global_rank)
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.world_size > 1 and batch_idx == 0:
+            seed_rank_streams(run_seed(), trainer.global_rank, trainer.current_epoch)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint[RNG_KEY] = {"per_rank": gather_per_rank(collect_rng_states())}
+        checkpoint[RNG_KEY] = collect_rng_states()
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        saved = checkpoint.get(RNG_KEY)
-        if saved is None:
-            return
-        per_rank = saved.get("per_rank", [saved])  # checkpoints before per-rank states held one rank's
-        restore_rng_states(per_rank[trainer.global_rank % len(per_rank)])
-        self.restored = True
+        if RNG_KEY in checkpoint:
+            restore_rng_states(checkpoint[RNG_KEY])

@@ -16,10 +16,11 @@ def run_seed() -> int:
     return int(seed) if seed is not None else torch.initial_seed()
 
 
-def seed_rank_streams(base_seed: int, rank: int) -> None:
-    """Reseed torch (CPU and CUDA), numpy and python for ``rank``: ranks then draw their own Mixup,
-    erasing, dropout and drop-path randomness, as timm's training script seeds ``seed + rank``."""
-    seed = (base_seed + rank) % 2**32
+def seed_rank_streams(base_seed: int, rank: int, epoch: int) -> None:
+    """Reseed torch (CPU and CUDA), numpy and python from (``base_seed``, ``rank``, ``epoch``): ranks then
+    draw their own Mixup, erasing, dropout and drop-path randomness, as timm's training script seeds
+    ``seed + rank``, and every epoch's draws follow from its number alone (resumes need no saved state)."""
+    seed = int(np.random.SeedSequence([base_seed, rank, epoch]).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
