@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -26,7 +28,9 @@ SHORT = [
 ]
 
 
-def test_stanford_dogs_with_paper_recipe(tmp_path):
+@pytest.mark.parametrize("normalize_on", ["auto", "device"])
+def test_stanford_dogs_with_paper_recipe(tmp_path, normalize_on):
+    """``device`` (explicit, also on a CPU) converts, normalises and erases whole batches after transfer."""
     make_stanford_dogs(tmp_path / "dogs")
     result = run_cli(
         [
@@ -35,14 +39,19 @@ def test_stanford_dogs_with_paper_recipe(tmp_path):
             f"data.root={tmp_path / 'dogs'}",
             f"data.num_classes={len(DOG_BREEDS)}",
             f"data.cache_dir={tmp_path / 'cache'}",
+            f"data.normalize_on={normalize_on}",
             "recipe=dat_paper",
             *SHORT,
         ],
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = read_metrics(run_dirs(tmp_path)[0])
+    run_dir = run_dirs(tmp_path)[0]
+    metrics = read_metrics(run_dir)
     assert metrics["status"] == "completed" and 0 <= metrics["final"]["test/acc1"] <= 1
+    assert math.isfinite(metrics["final"]["train/loss"])
+    where = "per batch after transfer" if normalize_on == "device" else "per image in the loader workers"
+    assert f"images are normalised {where}" in (run_dir / "train.log").read_text()
 
 
 def test_imagenet_archives_and_ema(tmp_path):
