@@ -302,3 +302,13 @@ def test_importing_das_lab_registers_the_models_without_importing_torch():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["das_resnet_tiny", "das_mobilenet_v2"])
+def test_das_networks_script_with_torchscript_like_timm_models(name):
+    """timm's model tests script every model; the DAS gate's eager-only branches must stay out of the script."""
+    model = create_model(name, **TINY[name]).eval()
+    scripted = torch.jit.script(model)
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))

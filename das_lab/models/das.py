@@ -138,9 +138,10 @@ class DASGate(nn.Module):
         autocast rule already runs the op in float32 (its CUDA kernel has fp16 but no bf16) and
         returns the input's dtype, so the gate adds nothing there.
         """
-        if not torch.jit.is_scripting() and hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            with torch.autocast("cpu", enabled=False):
-                return self.deform(hidden.float(), offsets.float(), None if mask is None else mask.float())
+        if not torch.jit.is_scripting():  # (a scripted gate is not compiled with this branch)
+            if hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                with torch.autocast("cpu", enabled=False):
+                    return self.deform(hidden.float(), offsets.float(), None if mask is None else mask.float())
         return self.deform(hidden, offsets, mask)
 
     @torch.jit.unused
