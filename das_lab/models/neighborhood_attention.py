@@ -96,6 +96,25 @@ def _window_sum(attn: Tensor, v: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return torch.einsum("bnhwij,bnhwijd->bnhwd", attn, _gather(v, rows, cols))
 
 
+def _attend_windows(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpb: Tensor | None,
+    windows: tuple[Tensor, Tensor, Tensor, Tensor],
+    attn_drop: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """The gather reference for the query rows of ``q``: softmax of the window logits, weighted sum of ``v``.
+
+    ``windows`` is :func:`_windows`' (rows, cols, rel_rows, rel_cols) for those rows, rows indexing ``k``/``v``.
+    """
+    rows, cols = windows[:2]
+    attn = _window_logits(q, k, rpb, *windows).softmax(dim=-1)
+    if attn_drop is not None:
+        attn = attn_drop(attn)
+    return _window_sum(attn, v, rows, cols)
+
+
 def na2d_logits_torch(q: Tensor, k: Tensor, rpb: Tensor | None, kernel_size: int) -> Tensor:
     """Query-key logits (B, heads, H, W, kh*kw) plus relative position bias, pure PyTorch."""
     _, _, height, width, _ = q.shape
@@ -131,9 +150,8 @@ def na2d_backward_by_bands(
                 t.detach().requires_grad_(True) for t in (q[:, :, top:bottom], k[:, :, first:last], v[:, :, first:last])
             )
             rpb_leaf = None if rpb is None else rpb.detach().requires_grad_(True)
-            band_rows = rows[top:bottom] - first
-            logits = _window_logits(q_band, k_band, rpb_leaf, band_rows, cols, rel_rows[top:bottom], rel_cols)
-            out = _window_sum(logits.softmax(dim=-1), v_band, band_rows, cols)
+            band_windows = (rows[top:bottom] - first, cols, rel_rows[top:bottom], rel_cols)
+            out = _attend_windows(q_band, k_band, v_band, rpb_leaf, band_windows)
             leaves = [t for t in (q_band, k_band, v_band, rpb_leaf) if t is not None]
             grads = torch.autograd.grad(out, leaves, grad_out[:, :, top:bottom])
         grad_q[:, :, top:bottom] = grads[0]
@@ -236,10 +254,8 @@ def neighborhood_attention(
     """
     if fused and not is_fake(q):
         return na2d_flex(q, k, v, rpb, kernel_size)
-    attn = na2d_logits_torch(q, k, rpb, kernel_size).softmax(dim=-1)
-    if attn_drop is not None:
-        attn = attn_drop(attn)
-    return na2d_aggregate_torch(attn, v, kernel_size)
+    height, width = q.shape[2:4]
+    return _attend_windows(q, k, v, rpb, _windows(height, width, kernel_size, q.device), attn_drop)
 
 
 @register_notrace_module  # one FX leaf: windows depend on the map size and the kernel choice is Python
